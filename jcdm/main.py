@@ -1,0 +1,165 @@
+"""Command line: `jcdm --gin gin/joint.gin --workdir DIR [--gin_bindings B ...] [--gin.K=V ...]`.
+
+Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jcdm import exit_codes
+
+log = logging.getLogger("jcdm")
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jcdm",
+        description="Train (or sample from) a joint consistency + diffusion model.",
+        epilog="Short form: --gin.train.num_steps=100 equals --gin_bindings train.num_steps=100.",
+    )
+    p.add_argument(
+        "--gin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="gin config file (repeatable; later files override earlier ones)",
+    )
+    p.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help="one gin binding, e.g. 'train.num_steps=100' (repeatable)",
+    )
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, samples")
+    p.add_argument(
+        "--run_id",
+        default=os.environ.get("JCDM_RUN_ID"),
+        help="run id (W&B id); default: created once per workdir",
+    )
+    p.add_argument(
+        "--only_inference",
+        action="store_true",
+        help="restore a checkpoint and write samples (and FID) instead of training",
+    )
+    p.add_argument("--log_level", default="INFO")
+    short = [a for a in argv if a.startswith("--gin.")]
+    rest = [a for a in argv if not a.startswith("--gin.")]
+    args = p.parse_args(rest)
+    for a in short:
+        binding = a[len("--gin.") :]
+        if "=" not in binding:
+            p.error(f"{a}: the short form is --gin.KEY=VALUE")
+        args.gin_bindings.append(binding)
+    if not args.gin:
+        p.error("at least one --gin FILE is required (e.g. --gin gin/demo.gin)")
+    return args
+
+
+def configure_logging(level: str) -> None:
+    import jax
+
+    fmt = f"%(asctime)s p{jax.process_index()} %(levelname).1s %(name)s] %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, datefmt="%H:%M:%S", force=True)
+    # Gloo and absl chatter drowns the trainer's own lines.
+    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+    """Parse files then bindings; any unknown configurable, parameter or file is a UsageError."""
+    import gin
+
+    import jcdm.register  # noqa: F401  (imports every configurable so gin can see it)
+
+    gin.add_config_file_search_path(GIN_DIR)
+    gin.add_config_file_search_path(os.getcwd())
+    for f in files:
+        if not os.path.exists(f) and not os.path.exists(os.path.join(GIN_DIR, f)):
+            raise UsageError(f"gin file {f!r} not found (configs live in {GIN_DIR})")
+    quiet = _DropGinPathProbes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
+    except Exception as e:  # gin raises ValueError, KeyError, SyntaxError, TokenError...
+        msg = str(e).strip().splitlines()
+        raise UsageError(
+            "bad gin configuration: " + " | ".join(msg[:3]) + "\nCheck the spelling of the "
+            "binding against `jcdm --help` and the .gin files; strings need quotes, e.g. "
+            "\"ICTConfig.head='vanilla'\"."
+        ) from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropGinPathProbes(logging.Filter):
+    """gin logs an ERROR for every search path it probes for an `include` before finding it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found")
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from jcdm import distributed
+
+    try:
+        parse_gin(args.gin, args.gin_bindings)
+    except UsageError as e:
+        print(f"jcdm: error: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    try:
+        distributed.initialize()
+    except ValueError as e:
+        print(f"jcdm: error: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    configure_logging(args.log_level)
+
+    from jcdm import train as train_lib
+
+    try:
+        if args.only_inference:
+            from jcdm import inference
+
+            inference.run(workdir=args.workdir)
+        else:
+            train_lib.train(workdir=args.workdir, run_id=args.run_id)
+    except train_lib.Preempted as e:
+        log.warning("%s (exit %d)", e, exit_codes.PREEMPTED)
+        distributed.shutdown()
+        return exit_codes.PREEMPTED
+    except train_lib.NumericalError as e:
+        log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
+        return exit_codes.NUMERICAL
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return exit_codes.USAGE
+    except Exception:
+        log.exception("unexpected failure (exit %d)", exit_codes.FAILURE)
+        return exit_codes.FAILURE
+    log.info("done")
+    distributed.shutdown()
+    return exit_codes.SUCCESS
+
+
+def main(argv: list[str] | None = None) -> None:
+    code = run(sys.argv[1:] if argv is None else argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: Grain workers and async checkpoint threads can hang it.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

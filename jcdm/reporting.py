@@ -1,0 +1,173 @@
+"""Run outputs: metrics.jsonl, the terminal progress line, PNG sample grids and W&B.
+
+Only process 0 writes; other processes get a `Reporter` whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import gin
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] float images -> uint8 (round to nearest, as the FID protocol's PNG export does)."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile [N, H, W, C] uint8 images into one [rows*(H+pad)+pad, ...] grid image."""
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) :][:, :w] = img
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    from PIL import Image
+
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    pil = Image.fromarray(image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    tmp = f"{path}.tmp"
+    pil.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@gin.configurable(module="jcdm")
+class WandbConfig:
+    """W&B settings. Offline by default: no account or network needed (`wandb sync` later)."""
+
+    def __init__(
+        self,
+        *,
+        mode: str | None = None,  # online | offline | disabled; None: $WANDB_MODE or offline
+        project: str = "jcdm",
+        entity: str | None = None,
+        name: str | None = None,
+        tags: tuple[str, ...] = (),
+    ):
+        self.mode = mode or os.environ.get("WANDB_MODE", "offline")
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"WandbConfig.mode={self.mode!r}; choose online|offline|disabled")
+        self.project = os.environ.get("WANDB_PROJECT", project)
+        self.entity = os.environ.get("WANDB_ENTITY", entity)
+        self.name = name
+        self.tags = tuple(tags)
+
+
+class Reporter:
+    """Writes metrics.jsonl, the progress line, sample grids and W&B from process 0."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool,
+        num_steps: int,
+        run_id: str,
+        wandb_cfg: WandbConfig | None = None,
+        config_text: str = "",
+    ):
+        self.workdir = workdir
+        self.enabled = enabled
+        self.num_steps = num_steps
+        self._tty = sys.stderr.isatty()
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                name=wandb_cfg.name or run_id,
+                id=run_id,
+                resume="allow",
+                dir=workdir,
+                mode=wandb_cfg.mode,
+                tags=list(wandb_cfg.tags),
+                config={"gin": config_text},
+            )
+
+    def write_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+
+    def progress(self, step: int, loss: float, images_per_sec: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        frac = step / max(1, self.num_steps)
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        eta = elapsed / max(frac, 1e-9) - elapsed if frac > 0 else float("nan")
+        line = (
+            f"[{bar}] {step}/{self.num_steps} loss {loss:.4g} | {images_per_sec:,.0f} img/s | "
+            f"elapsed {_hms(elapsed)} eta {_hms(eta)}"
+        )
+        sys.stderr.write(("\r" + line) if self._tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def save_grid(self, step: int, tag: str, images: np.ndarray) -> str | None:
+        if not self.enabled:
+            return None
+        grid = image_grid(to_uint8(images))
+        path = os.path.join(self.workdir, "samples", f"{tag}_{step:07d}.png")
+        save_png(path, grid, scale=max(1, 128 // images.shape[1]))
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"samples/{tag}": wandb.Image(grid, caption=tag)}, step=int(step))
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._tty:
+            sys.stderr.write("\n")
+        self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _scalar(v):
+    v = np.asarray(v)
+    return v.item() if v.dtype.kind in "iub" else float(v)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

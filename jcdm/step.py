@@ -1,0 +1,147 @@
+"""The training state and the jitted update: binds the objective's math to Flax modules.
+
+One call of `train_step` = student and teacher forward passes, the head's denoising loss, RAdam,
+the EMA update and metrics. It is built once per run with explicit in/out shardings on the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jcdm import objective
+from jcdm.losses import ema_update
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to resume bit-exactly (the data iterator aside)."""
+
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: dict  # {"backbone": ..., "head": ...}
+    opt_state: Any
+    ema_params: dict
+    rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
+    nonfinite_step: jax.Array  # int32: -1, or the first step whose loss/gradient was not finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The Flax modules and the apply functions the objective expects."""
+
+    backbone: nn.Module
+    head: nn.Module | None
+
+    def backbone_apply(self, params, x_in, c_noise, dropout_key):
+        train = dropout_key is not None
+        rngs = {"dropout": dropout_key} if train else {}
+        return self.backbone.apply({"params": params}, x_in, c_noise, train=train, rngs=rngs)
+
+    def head_apply(self, params, x_in, c_noise, f_in, feat, temb, dropout_key):
+        train = dropout_key is not None
+        rngs = {"dropout": dropout_key} if train else {}
+        return self.head.apply(
+            {"params": params}, x_in, c_noise, f_in, feat, temb, train=train, rngs=rngs
+        )
+
+    def init_params(self, key: jax.Array, image_shape: tuple[int, ...]) -> dict:
+        k_b, k_h = jax.random.split(key)
+        x = jnp.zeros((1, *image_shape), jnp.float32)
+        c = jnp.zeros((1,), jnp.float32)
+        variables = self.backbone.init({"params": k_b}, x, c, train=False)
+        params = {"backbone": variables["params"]}
+        if self.head is not None:
+            _, temb, feat = self.backbone.apply(variables, x, c, train=False)
+            params["head"] = self.head.init({"params": k_h}, x, c, x, feat, temb, train=False)[
+                "params"
+            ]
+        return params
+
+
+def init_state(
+    key: jax.Array, networks: Networks, tx: optax.GradientTransformation, image_shape
+) -> TrainState:
+    k_params, k_train = jax.random.split(key)
+    params = networks.init_params(k_params, image_shape)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=k_train,
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def make_train_step(
+    networks: Networks,
+    tx: optax.GradientTransformation,
+    cfg: objective.ICTConfig,
+    *,
+    total_steps: int,
+    ema_decay: float,
+    nan_at_step: int = -1,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """Return the un-jitted update: (state, images [B,H,W,C] in [-1, 1]) -> (state, metrics).
+
+    A non-finite loss or gradient leaves the state untouched, records the step in
+    `nonfinite_step` and freezes every later update; the host loop checks that field before each
+    save and stops, so no broken state is ever checkpointed. `nan_at_step` injects a NaN into the
+    loss at that step (a test hook, set through gin).
+    """
+    head = networks.head_apply if networks.head is not None else None
+
+    def loss_fn(params, x, key, step):
+        loss, metrics = objective.joint_loss(
+            params,
+            x,
+            key,
+            step,
+            backbone=networks.backbone_apply,
+            head=head,
+            cfg=cfg,
+            total_steps=total_steps,
+        )
+        loss = jnp.where(step == nan_at_step, jnp.nan, loss)
+        return loss, metrics
+
+    def train_step(state: TrainState, x: jax.Array):
+        key = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, ema_decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        ok = finite & (state.nonfinite_step < 0)
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        first_bad = (state.nonfinite_step < 0) & ~finite
+        new = new.replace(nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step))
+        metrics = dict(metrics, grad_norm=grad_norm)
+        return new, metrics
+
+    return train_step
+
+
+def make_multi_step(train_step, steps_per_call: int):
+    """Run `steps_per_call` updates in one compiled call (a scan over stacked batches).
+
+    Amortises dispatch and host round trips; the update sequence is identical to calling
+    `train_step` that many times. Metrics are those of the last step.
+    """
+    if steps_per_call == 1:
+        return train_step
+
+    def multi(state, xs):
+        state, metrics = jax.lax.scan(train_step, state, xs)
+        return state, jax.tree.map(lambda m: m[-1], metrics)
+
+    return multi

@@ -1,0 +1,256 @@
+"""The trainer, top to bottom: mesh, input, model, sharding, update, checkpoint, eval, loop.
+
+Everything is configured by gin (`train.*` and the configurables each section calls); the
+operative config is written to `<workdir>/config.gin` once every section has been built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from jcdm import checkpoint as ckpt_lib
+from jcdm import data as data_lib
+from jcdm import evaluation, models, objective, reporting
+from jcdm import mesh as mesh_lib
+from jcdm import step as step_lib
+from jcdm.preemption import PreemptionWatcher
+
+log = logging.getLogger(__name__)
+
+gin.external_configurable(objective.ICTConfig, module="jcdm")
+
+
+class Preempted(Exception):
+    """A preemption notice was handled: a checkpoint at `step` is committed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpoint at step {step} committed; restart to resume")
+        self.step = step
+
+
+class NumericalError(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+@gin.configurable(module="jcdm")
+def make_optimizer(
+    *, learning_rate: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """RAdam, constant learning rate, no warmup or clipping (RECIPE.md section 1)."""
+    return optax.radam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+@gin.configurable(module="jcdm")
+def make_networks(*, image_shape: tuple[int, int, int], head_mode: str) -> step_lib.Networks:
+    """NCSN++ backbone and, unless head_mode == "none", the score head (sizes from gin)."""
+    h, w, c = image_shape
+    backbone = models.NCSNpp(image_size=h, out_channels=c)
+    head = None if head_mode == "none" else models.ScoreHead(image_size=h, out_channels=c)
+    return step_lib.Networks(backbone=backbone, head=head)
+
+
+@gin.configurable(module="jcdm", denylist=["workdir", "run_id"])
+def train(
+    *,
+    workdir: str,
+    run_id: str | None = None,
+    num_steps: int = gin.REQUIRED,
+    global_batch_size: int = gin.REQUIRED,
+    seed: int = 0,
+    ema_decay: float = 0.99993,
+    curriculum_steps: int | None = None,
+    steps_per_call: int = 1,
+    log_every: int = 100,
+    eval_every: int = 1000,
+    num_grid_samples: int = 64,
+    two_step_sigma: float = 0.821,
+    nan_at_step: int = -1,
+) -> int:
+    """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
+
+    `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
+    `steps_per_call` updates run inside one compiled call (a scan). `nan_at_step` is a test hook
+    that poisons the loss at that step.
+    """
+    is_main = jax.process_index() == 0
+    preemption = PreemptionWatcher()
+    os.makedirs(workdir, exist_ok=True)
+
+    # --- Mesh ------------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh()
+    log.info("%s", mesh_lib.describe(mesh))
+    mesh_lib.check_batch(global_batch_size, mesh)
+    for name, every in (("log_every", log_every), ("eval_every", eval_every)):
+        if every % steps_per_call:
+            raise ValueError(f"train.{name}={every} must be a multiple of steps_per_call")
+
+    # --- Input -----------------------------------------------------------------------------
+    data_it = data_lib.make_train_iterator(
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    spec = data_it.spec
+    image_shape = (spec.height, spec.width, spec.channels)
+
+    # --- Model -----------------------------------------------------------------------------
+    cfg = objective.ICTConfig()
+    networks = make_networks(image_shape=image_shape, head_mode=cfg.head)
+    tx = make_optimizer()
+    init_fn = lambda key: step_lib.init_state(key, networks, tx, image_shape)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+    num_params = {
+        k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+        for k, v in abstract_state.params.items()
+    }
+    log.info("parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in num_params.items()})
+
+    # --- Sharding --------------------------------------------------------------------------
+    state_sh = mesh_lib.state_shardings(abstract_state, mesh)
+    repl = mesh_lib.replicated(mesh)
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    if steps_per_call > 1:
+        batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh_lib.AXES))
+    batch_shape = (global_batch_size, *image_shape)
+    if steps_per_call > 1:
+        batch_shape = (steps_per_call, *batch_shape)
+
+    # --- Update ----------------------------------------------------------------------------
+    update = step_lib.make_multi_step(
+        step_lib.make_train_step(
+            networks,
+            tx,
+            cfg,
+            total_steps=curriculum_steps or num_steps,
+            ema_decay=ema_decay,
+            nan_at_step=nan_at_step,
+        ),
+        steps_per_call,
+    )
+    t0 = time.perf_counter()
+    p_update = (
+        jax.jit(
+            update,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+        .lower(abstract_state, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
+        .compile()
+    )
+    compile_s = time.perf_counter() - t0
+    log.info("train step compiled in %.1fs", compile_s)
+
+    # --- Checkpoint ------------------------------------------------------------------------
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
+    state, restored_step = checkpointer.restore_latest(target, data_it)
+    if state is None:
+        state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(seed))
+        log.info("initialised a new run")
+    else:
+        log.info("resumed from step %d", restored_step)
+    start_step = int(state.step)
+
+    # --- Eval ------------------------------------------------------------------------------
+    sampler = evaluation.Sampler(
+        networks, cfg, mesh, state_sh.ema_params, image_shape, two_step_sigma=two_step_sigma
+    )
+    run_id = run_id or _persistent_run_id(workdir)
+    reporter = reporting.Reporter(
+        workdir,
+        enabled=is_main,
+        num_steps=num_steps,
+        run_id=run_id,
+        wandb_cfg=reporting.WandbConfig(),
+        config_text=gin.config_str(),
+    )
+    if is_main:
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+    def evaluate(step: int) -> None:
+        for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,))):
+            images = sampler.sample(state.ema_params, num_grid_samples, sigmas, seed=seed)
+            reporter.save_grid(step, tag, images)
+
+    # --- Loop ------------------------------------------------------------------------------
+    step = start_step
+    window_t, window_step = time.perf_counter(), step
+    clock = reporting.Stopwatch()
+    first_log = True
+    try:
+        while step < num_steps:
+            local = np.stack([next(data_it)["image"] for _ in range(steps_per_call)])
+            local = local if steps_per_call > 1 else local[0]
+            global_shape = (*local.shape[:-4], global_batch_size, *image_shape)
+            batch = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
+            state, metrics = p_update(state, batch)
+            step += steps_per_call
+
+            if preemption.should_stop():
+                _check_finite(state, step)
+                checkpointer.save(step, state, data_it, force=True)
+                checkpointer.wait()
+                raise Preempted(step)
+            final = step >= num_steps
+            if step % log_every == 0 or final:
+                m = jax.device_get(metrics)
+                _check_finite(state, step)
+                now = time.perf_counter()
+                ips = (step - window_step) * global_batch_size / max(now - window_t, 1e-9)
+                window_t, window_step = now, step
+                if first_log:
+                    m["compile_s"], first_log = compile_s, False
+                reporter.write_metrics(step, {**m, "images_per_sec": ips})
+                reporter.progress(step, float(m["loss"]), ips, clock.elapsed())
+            if step % checkpointer.cfg.save_every == 0 or final:
+                _check_finite(state, step)
+                checkpointer.save(step, state, data_it, force=final)
+            if step % eval_every == 0 or final:
+                evaluate(step)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        reporter.close()
+        preemption.restore()
+    multihost_utils.sync_global_devices("jcdm train finished")
+    return step
+
+
+def _check_finite(state, step: int) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        raise NumericalError(
+            f"non-finite loss or gradient at step {bad}; training stopped before step {step}, "
+            "no checkpoint of the broken state was written (the last good one is kept). "
+            "Lower the learning rate or check the data."
+        )
+
+
+def _persistent_run_id(workdir: str) -> str:
+    """One run id per workdir (the W&B run id), created once by process 0 and read back after
+    restarts; broadcast so every process agrees without reading the workdir."""
+    path = os.path.join(workdir, "run_id")
+    run_id = ""
+    if jax.process_index() == 0:
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write(uuid.uuid4().hex[:12])
+        with open(path) as f:
+            run_id = f.read().strip()
+    buf = np.zeros(64, np.uint8)
+    buf[: len(run_id)] = np.frombuffer(run_id.encode(), np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(buf[buf > 0]).decode()

@@ -1,0 +1,263 @@
+"""Conversion to ArrayRecord shards: CIFAR-10's official archive, image folders, the digits demo."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jcdm.data import (
+    DataError,
+    ImageRecordSource,
+    convert_cifar10,
+    convert_digits,
+    convert_image_folder,
+    load_digits_images,
+    make_train_iterator,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes pickles the way Python 2's cPickle wrote the CIFAR-10 batches (protocol 2).
+
+    Python 2 `str` (our `bytes`) used the BINSTRING opcodes, and numpy lived in `numpy.core`.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def _py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _batch(rng: np.random.Generator, per_class: int, label: str) -> dict:
+    labels = [c for c in range(10) for _ in range(per_class)]
+    order = rng.permutation(len(labels))
+    labels = [labels[i] for i in order]
+    data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    names = [f"img_{i}.png".encode() for i in range(len(labels))]
+    return {b"batch_label": label.encode(), b"labels": labels, b"data": data, b"filenames": names}
+
+
+def write_official_archive(path: Path, per_class: int = 1, seed: int = 0) -> dict:
+    """A cifar-10-python.tar.gz in the official layout: 5 train batches, test batch, meta."""
+    rng = np.random.default_rng(seed)
+    batches = {
+        f"data_batch_{i}": _batch(rng, per_class, f"training batch {i} of 5") for i in range(1, 6)
+    }
+    batches["test_batch"] = _batch(rng, per_class, "testing batch 1 of 1")
+    meta = {
+        b"label_names": [n.encode() for n in LABEL_NAMES],
+        b"num_cases_per_batch": 10 * per_class,
+        b"num_vis": 3072,
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        members = {
+            **{k: _py2_pickle(v) for k, v in batches.items()},
+            "batches.meta": _py2_pickle(meta),
+        }
+        members["readme.html"] = b"<html></html>"
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return batches
+
+
+def _expected(batches: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    data = np.concatenate([batches[n][b"data"] for n in names])
+    labels = np.concatenate([batches[n][b"labels"] for n in names])
+    # Official rows: 1024 red, 1024 green, 1024 blue values, each plane row-major.
+    hwc = np.stack([data[:, :1024], data[:, 1024:2048], data[:, 2048:]], axis=-1)
+    return hwc.reshape(-1, 32, 32, 3), labels
+
+
+def test_official_archive_round_trips_bit_exactly(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    batches = write_official_archive(archive, per_class=3)
+    train_dir, test_dir = convert_cifar10(
+        archive, tmp_path / "cifar10", num_shards=4, test_shards=2
+    )
+
+    for split_dir, names in (
+        (train_dir, [f"data_batch_{i}" for i in range(1, 6)]),
+        (test_dir, ["test_batch"]),
+    ):
+        images, labels = _expected(batches, names)
+        src = ImageRecordSource(split_dir, verify_checksums=True)
+        assert src.spec.shape == (32, 32, 3) and len(src) == len(images)
+        assert src.label_names == LABEL_NAMES
+        got, got_labels = src.read_batch(np.arange(len(src)))
+        np.testing.assert_array_equal(got, images)
+        np.testing.assert_array_equal(got_labels, labels)
+        np.testing.assert_array_equal(src[7], images[7])
+        assert src.label(7) == labels[7]
+    meta = ImageRecordSource(train_dir).metadata
+    assert meta["num_records"] == 150 and meta["dtype"] == "uint8"
+    assert [s["num_records"] for s in meta["shards"]] == [37, 38, 37, 38]
+    assert all(len(s["sha256"]) == 64 for s in meta["shards"])
+    # The parent directory resolves to its train split.
+    assert ImageRecordSource(tmp_path / "cifar10").directory == train_dir
+
+    # The training stream decodes the same pixels: unflipped images are exactly x / 127.5 - 1.
+    it = make_train_iterator(
+        dataset=str(train_dir), global_batch_size=50, seed=1, process_index=0, process_count=1,
+        random_flip=False, with_labels=True, with_record_index=True,
+    )  # fmt: skip
+    images, labels = _expected(batches, [f"data_batch_{i}" for i in range(1, 6)])
+    for _ in range(3):
+        batch = next(it)
+        idx = batch["record_index"]
+        np.testing.assert_array_equal(batch["image"], images[idx].astype(np.float32) / 127.5 - 1)
+        np.testing.assert_array_equal(batch["label"], labels[idx])
+
+
+def test_rerun_keeps_complete_output_and_force_rewrites(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_official_archive(archive)
+    out = tmp_path / "out"
+    convert_cifar10(archive, out, num_shards=2)
+    shard = next((out / "train").glob("*.array_record"))
+    before = shard.stat().st_mtime_ns
+    convert_cifar10(archive, out, num_shards=2)
+    assert shard.stat().st_mtime_ns == before  # up to date: not rewritten
+    convert_cifar10(archive, out, num_shards=3)  # other settings: rewritten, old shards gone
+    assert sorted(p.name for p in (out / "train").glob("*.array_record")) == [
+        f"train-0000{i}-of-00003.array_record" for i in range(3)
+    ]
+    assert len(ImageRecordSource(out / "train")) == 50
+
+
+def _write_png(path: Path, size: tuple[int, int], value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, 7)).save(path)
+
+
+def test_image_folder_any_size_with_class_labels(tmp_path):
+    for i, (cls, size) in enumerate([("cat", (40, 20)), ("cat", (9, 9)), ("dog", (64, 48))]):
+        _write_png(tmp_path / "in" / cls / f"{i}.png", size, 30 * i)
+    split = convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=8, num_shards=2)
+    src = ImageRecordSource(split)
+    assert src.spec.shape == (8, 8, 3) and len(src) == 3
+    assert src.label_names == ["cat", "dog"]
+    images, labels = src.read_batch(np.arange(3))
+    assert labels.tolist() == [0, 0, 1]
+    # Flat colours survive cropping and resizing exactly.
+    assert images[2, 3, 3].tolist() == [60, 195, 7]
+
+
+def test_interrupted_conversion_never_looks_complete(tmp_path):
+    for i in range(70):
+        _write_png(tmp_path / "in" / f"{i:02d}.png", (6, 6), i)
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=7)
+    assert len(ImageRecordSource(tmp_path / "out" / "train")) == 70
+    (tmp_path / "in" / "69.png").write_bytes(b"not a png")  # the last shard fails to decode
+    with pytest.raises(DataError, match=r"69\.png cannot be decoded"):
+        convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=7)
+    split = tmp_path / "out" / "train"
+    assert list(split.glob("*.array_record"))  # earlier shards were written...
+    with pytest.raises(DataError, match="conversion was interrupted"):
+        ImageRecordSource(split)  # ...but without metadata.json nobody reads them
+
+
+def test_digits_directory_matches_in_memory_digits(tmp_path):
+    split = convert_digits(tmp_path / "digits", image_size=16, num_shards=3)
+    images, labels = load_digits_images(16)
+    src = ImageRecordSource(split)
+    assert src.spec.shape == (16, 16, 1) and len(src) == 1797
+    got, got_labels = src.read_batch(np.arange(0, 1797, 100))
+    np.testing.assert_array_equal(got, images[::100])
+    np.testing.assert_array_equal(got_labels, labels[::100])
+    kwargs = dict(global_batch_size=32, seed=5, process_index=0, process_count=1)
+    from_dir = make_train_iterator(dataset=str(split), **kwargs)
+    in_memory = make_train_iterator(dataset="digits", **kwargs)
+    for _ in range(2):
+        np.testing.assert_array_equal(next(from_dir)["image"], next(in_memory)["image"])
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location(
+        "prepare_cifar10", ROOT / "tools" / "prepare_cifar10.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_converts_and_reports_bad_input(tmp_path, capsys):
+    main = _cli()
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_official_archive(archive)
+    assert (
+        main(["cifar10", "--archive", str(archive), "--out", str(tmp_path / "c"), "--shards", "2"])
+        == 0
+    )
+    assert (
+        "50 records of 32x32x3 uint8 in 2 shards, 10 labels, checksums OK"
+        in capsys.readouterr().out
+    )
+    assert main(["verify", str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_bad_archives_are_rejected_with_the_reason(tmp_path):
+    with pytest.raises(DataError, match="does not exist. Download"):
+        convert_cifar10(tmp_path / "nope.tar.gz", tmp_path / "out")
+    partial = tmp_path / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match="lacks .*data_batch_2"):
+        convert_cifar10(partial, tmp_path / "out")
+    # A pickle that would run code is refused, not executed.
+    evil = tmp_path / "evil.tar.gz"
+    write_official_archive(evil)
+    with tarfile.open(evil, "r:gz") as tar:
+        blobs = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    blobs["cifar-10-batches-py/data_batch_3"] = b"cos\nsystem\n(S'echo pwned'\ntR."
+    with tarfile.open(evil, "w:gz") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(
+        DataError, match=r"data_batch_3 is not a CIFAR-10 python batch .*os\.system"
+    ):
+        convert_cifar10(evil, tmp_path / "out")
