@@ -1,7 +1,8 @@
 """Asynchronous Orbax checkpoints of the whole run (system code).
 
 A checkpoint step directory holds `state` (TrainState as OCDBT/TensorStore arrays, restored onto
-the current mesh's shardings) and `data` (the input iterator's state as JSON). The iterator state
+the current mesh's shardings), `data` (the input iterator's state as JSON) and `meta` (step and the
+last logged metrics, for `tools/inspect_checkpoint.py`). The iterator state
 names a global batch, not a process's position, so process 0's copy restores every process, and
 a run can resume with a different number of processes. Orbax writes into
 a temporary directory and renames it only after every process has finished, so a step that was
@@ -19,6 +20,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 log = logging.getLogger(__name__)
+
+
+ITEMS = ("state", "data", "meta")
 
 
 class CheckpointError(RuntimeError):
@@ -76,9 +80,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(
-            directory, options=options, item_names=("state", "data")
-        )
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -87,11 +89,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, *, force: bool = False, metrics=None) -> bool:
+        """Start a save if the policy (or `force`) says so; returns whether one started."""
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_iterator.get_state()),
+            meta=ocp.args.JsonSave({"step": int(step), "metrics": metrics}),
         )
-        return self.manager.save(step, args=args, force=force, metrics=metrics)
+        return self.manager.save(step, args=args, force=force, metrics=metrics or None)
 
     def restore(self, step: int, abstract_state, data_iterator=None) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}

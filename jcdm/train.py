@@ -79,8 +79,8 @@ def train(
     """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
 
     `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
-    `steps_per_call` updates run inside one compiled call (a scan). `nan_at_step` is a test hook
-    that poisons the loss at that step.
+    `steps_per_call` updates run inside one compiled call (a scan). `eval_every = 0` turns sample
+    grids off. `nan_at_step` is a test hook that poisons the loss at that step.
     """
     is_main = jax.process_index() == 0
     preemption = PreemptionWatcher()
@@ -90,9 +90,8 @@ def train(
     mesh = mesh_lib.make_mesh()
     log.info("%s", mesh_lib.describe(mesh))
     mesh_lib.check_batch(global_batch_size, mesh)
-    for name, every in (("log_every", log_every), ("eval_every", eval_every)):
-        if every % steps_per_call:
-            raise ValueError(f"train.{name}={every} must be a multiple of steps_per_call")
+    if log_every < 1 or eval_every < 0 or steps_per_call < 1:
+        raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
 
     # --- Input -----------------------------------------------------------------------------
     data_it = data_lib.make_train_iterator(
@@ -189,7 +188,11 @@ def train(
     step = start_step
     window_t, window_step = time.perf_counter(), step
     clock = reporting.Stopwatch()
-    first_log = True
+    last_metrics: dict = {"compile_s": compile_s}
+
+    def due(every: int) -> bool:  # crossed a multiple of `every` during the last call
+        return every > 0 and step // every > (step - steps_per_call) // every
+
     try:
         while step < num_steps:
             local = np.stack([next(data_it)["image"] for _ in range(steps_per_call)])
@@ -198,28 +201,28 @@ def train(
             batch = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
             state, metrics = p_update(state, batch)
             step += steps_per_call
+            final = step >= num_steps
 
             if preemption.should_stop():
                 _check_finite(state, step)
-                checkpointer.save(step, state, data_it, force=True)
+                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
                 checkpointer.wait()
                 raise Preempted(step)
-            final = step >= num_steps
-            if step % log_every == 0 or final:
+            if due(log_every) or final:
                 m = jax.device_get(metrics)
                 _check_finite(state, step)
                 now = time.perf_counter()
                 ips = (step - window_step) * global_batch_size / max(now - window_t, 1e-9)
                 window_t, window_step = now, step
-                if first_log:
-                    m["compile_s"], first_log = compile_s, False
-                reporter.write_metrics(step, {**m, "images_per_sec": ips})
+                last_metrics = {**last_metrics, **m, "images_per_sec": ips}
+                reporter.write_metrics(step, last_metrics)
+                last_metrics.pop("compile_s", None)
                 reporter.progress(step, float(m["loss"]), ips, clock.elapsed())
-            if step % checkpointer.cfg.save_every == 0 or final:
-                _check_finite(state, step)
-                checkpointer.save(step, state, data_it, force=final)
-            if step % eval_every == 0 or final:
+            if due(eval_every) or (eval_every and final):
                 evaluate(step)
+            if due(checkpointer.cfg.save_every) or final:
+                _check_finite(state, step)
+                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
         checkpointer.wait()
     finally:
         checkpointer.close()

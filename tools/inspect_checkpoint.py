@@ -1,0 +1,103 @@
+"""List a run's checkpoints and describe one: parameter count, content hash, stored metrics.
+
+    python tools/inspect_checkpoint.py WORKDIR [--step N] [--json]
+
+`params_sha256` hashes the parameters' bytes (float32, little-endian) leaf by leaf in sorted
+key-path order, so two runs that end with bitwise-identical parameters print the same hash,
+whatever mesh or process count wrote them. Reads on the host CPU; needs no accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+
+def checkpoint_dir(workdir: str) -> str:
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        raise SystemExit(f"inspect_checkpoint: no checkpoints directory in {workdir!r}")
+    return d
+
+
+def list_steps(workdir: str) -> list[int]:
+    """Committed steps only: Orbax's temporary directories of unfinished saves are not listed."""
+    d = checkpoint_dir(workdir)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def load_tree(path: str) -> dict:
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def params_digest(params) -> tuple[int, str]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    h = hashlib.sha256()
+    count = 0
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.ascontiguousarray(np.asarray(leaf, dtype=np.float32))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(arr.astype("<f4").tobytes())
+        count += arr.size
+    return count, h.hexdigest()
+
+
+def describe(workdir: str, step: int | None = None) -> dict:
+    steps = list_steps(workdir)
+    if not steps:
+        raise SystemExit(f"inspect_checkpoint: {workdir!r} holds no complete checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise SystemExit(f"inspect_checkpoint: no checkpoint at step {step}; have {steps}")
+    base = os.path.join(checkpoint_dir(workdir), str(step))
+    state = load_tree(os.path.join(base, "state"))
+    num_params, digest = params_digest(state["params"])
+    _, ema_digest = params_digest(state["ema_params"])
+    meta_path = os.path.join(base, "meta", "metadata")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    return {
+        "step": int(np.asarray(state["step"])),
+        "steps": steps,
+        "num_params": num_params,
+        "params_sha256": digest,
+        "ema_params_sha256": ema_digest,
+        "metrics": meta.get("metrics", {}),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdir")
+    p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    info = describe(args.workdir, args.step)
+    if args.json:
+        json.dump(info, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print(f"checkpoints: {info['steps']}")
+    print(f"step {info['step']}: {info['num_params']:,} parameters")
+    print(f"  params sha256     {info['params_sha256']}")
+    print(f"  ema params sha256 {info['ema_params_sha256']}")
+    for k, v in sorted(info["metrics"].items()):
+        print(f"  {k:16s}  {v:.6g}")
+
+
+if __name__ == "__main__":
+    main()
