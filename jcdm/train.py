@@ -6,10 +6,12 @@ operative config is written to `<workdir>/config.gin` once every section has bee
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 
 import gin
 import jax
@@ -59,39 +61,45 @@ def make_networks(*, image_shape: tuple[int, int, int], head_mode: str) -> step_
     return step_lib.Networks(backbone=backbone, head=head)
 
 
-@gin.configurable(module="jcdm", denylist=["workdir", "run_id"])
-def train(
+@dataclasses.dataclass
+class Built:
+    """What `build` returns: the mesh, input, networks, shardings and the compiled update."""
+
+    mesh: jax.sharding.Mesh
+    data_it: data_lib.TrainIterator
+    image_shape: tuple[int, int, int]
+    cfg: objective.ICTConfig
+    networks: step_lib.Networks
+    init_fn: Callable
+    abstract_state: step_lib.TrainState
+    state_sh: step_lib.TrainState
+    batch_sh: jax.sharding.NamedSharding
+    update: Callable  # compiled: (state, images) -> (state, metrics); donates state
+    compile_s: float
+    num_params: dict[str, int]
+
+    global_batch_size: int
+
+    def put_batch(self, local: np.ndarray) -> jax.Array:
+        """This process's rows -> the global batch array on the mesh."""
+        global_shape = (*local.shape[:-4], self.global_batch_size, *self.image_shape)
+        return jax.make_array_from_process_local_data(self.batch_sh, local, global_shape)
+
+
+def build(
     *,
-    workdir: str,
-    run_id: str | None = None,
-    num_steps: int = gin.REQUIRED,
-    global_batch_size: int = gin.REQUIRED,
-    seed: int = 0,
-    ema_decay: float = 0.99993,
-    curriculum_steps: int | None = None,
+    global_batch_size: int,
+    seed: int,
+    total_steps: int,
+    ema_decay: float,
     steps_per_call: int = 1,
-    log_every: int = 100,
-    eval_every: int = 1000,
-    num_grid_samples: int = 64,
-    two_step_sigma: float = 0.821,
     nan_at_step: int = -1,
-) -> int:
-    """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
-
-    `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
-    `steps_per_call` updates run inside one compiled call (a scan). `eval_every = 0` turns sample
-    grids off. `nan_at_step` is a test hook that poisons the loss at that step.
-    """
-    is_main = jax.process_index() == 0
-    preemption = PreemptionWatcher()
-    os.makedirs(workdir, exist_ok=True)
-
+) -> Built:
+    """Mesh, input, model, sharding and update: everything but the loop (used by benchmarks)."""
     # --- Mesh ------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh()
     log.info("%s", mesh_lib.describe(mesh))
     mesh_lib.check_batch(global_batch_size, mesh)
-    if log_every < 1 or eval_every < 0 or steps_per_call < 1:
-        raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
 
     # --- Input -----------------------------------------------------------------------------
     data_it = data_lib.make_train_iterator(
@@ -117,13 +125,12 @@ def train(
 
     # --- Sharding --------------------------------------------------------------------------
     state_sh = mesh_lib.state_shardings(abstract_state, mesh)
-    repl = mesh_lib.replicated(mesh)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    if steps_per_call > 1:
-        batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh_lib.AXES))
     batch_shape = (global_batch_size, *image_shape)
-    if steps_per_call > 1:
+    batch_spec = mesh_lib.BATCH_SPEC
+    if steps_per_call > 1:  # stacked batches [k, B, ...]: the scan axis stays unsharded
         batch_shape = (steps_per_call, *batch_shape)
+        batch_spec = jax.sharding.PartitionSpec(None, mesh_lib.AXES)
+    batch_sh = jax.sharding.NamedSharding(mesh, batch_spec)
 
     # --- Update ----------------------------------------------------------------------------
     update = step_lib.make_multi_step(
@@ -131,18 +138,18 @@ def train(
             networks,
             tx,
             cfg,
-            total_steps=curriculum_steps or num_steps,
+            total_steps=total_steps,
             ema_decay=ema_decay,
             nan_at_step=nan_at_step,
         ),
         steps_per_call,
     )
     t0 = time.perf_counter()
-    p_update = (
+    compiled = (
         jax.jit(
             update,
             in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, repl),
+            out_shardings=(state_sh, mesh_lib.replicated(mesh)),
             donate_argnums=0,
         )
         .lower(abstract_state, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
@@ -150,21 +157,86 @@ def train(
     )
     compile_s = time.perf_counter() - t0
     log.info("train step compiled in %.1fs", compile_s)
+    return Built(
+        mesh=mesh,
+        data_it=data_it,
+        image_shape=image_shape,
+        cfg=cfg,
+        networks=networks,
+        init_fn=init_fn,
+        abstract_state=abstract_state,
+        state_sh=state_sh,
+        batch_sh=batch_sh,
+        update=compiled,
+        compile_s=compile_s,
+        num_params=num_params,
+        global_batch_size=global_batch_size,
+    )
 
-    # --- Checkpoint ------------------------------------------------------------------------
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
-    state, restored_step = checkpointer.restore_latest(target, data_it)
+
+def init_or_restore(built: Built, checkpointer: ckpt_lib.Checkpointer, seed: int):
+    """The latest readable checkpoint on the current mesh, or a fresh state."""
+    target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)
+    state, restored_step = checkpointer.restore_latest(target, built.data_it)
     if state is None:
-        state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(seed))
+        state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jax.random.PRNGKey(seed))
         log.info("initialised a new run")
     else:
         log.info("resumed from step %d", restored_step)
+    return state
+
+
+@gin.configurable(module="jcdm", denylist=["workdir", "run_id"])
+def train(
+    *,
+    workdir: str,
+    run_id: str | None = None,
+    num_steps: int = gin.REQUIRED,
+    global_batch_size: int = gin.REQUIRED,
+    seed: int = 0,
+    ema_decay: float = 0.99993,
+    curriculum_steps: int | None = None,
+    steps_per_call: int = 1,
+    log_every: int = 100,
+    eval_every: int = 1000,
+    num_grid_samples: int = 64,
+    two_step_sigma: float = 0.821,
+    nan_at_step: int = -1,
+) -> int:
+    """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
+
+    `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
+    `steps_per_call` updates run inside one compiled call (a scan). `eval_every = 0` turns sample
+    grids off. `nan_at_step` is a test hook that poisons the loss at that step.
+    """
+    if log_every < 1 or eval_every < 0 or steps_per_call < 1:
+        raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
+    is_main = jax.process_index() == 0
+    preemption = PreemptionWatcher()
+    os.makedirs(workdir, exist_ok=True)
+    built = build(
+        global_batch_size=global_batch_size,
+        seed=seed,
+        total_steps=curriculum_steps or num_steps,
+        ema_decay=ema_decay,
+        steps_per_call=steps_per_call,
+        nan_at_step=nan_at_step,
+    )
+    data_it, compile_s = built.data_it, built.compile_s
+
+    # --- Checkpoint ------------------------------------------------------------------------
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = init_or_restore(built, checkpointer, seed)
     start_step = int(state.step)
 
     # --- Eval ------------------------------------------------------------------------------
     sampler = evaluation.Sampler(
-        networks, cfg, mesh, state_sh.ema_params, image_shape, two_step_sigma=two_step_sigma
+        built.networks,
+        built.cfg,
+        built.mesh,
+        built.state_sh.ema_params,
+        built.image_shape,
+        two_step_sigma=two_step_sigma,
     )
     run_id = run_id or _persistent_run_id(workdir)
     reporter = reporting.Reporter(
@@ -196,10 +268,8 @@ def train(
     try:
         while step < num_steps:
             local = np.stack([next(data_it)["image"] for _ in range(steps_per_call)])
-            local = local if steps_per_call > 1 else local[0]
-            global_shape = (*local.shape[:-4], global_batch_size, *image_shape)
-            batch = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
-            state, metrics = p_update(state, batch)
+            batch = built.put_batch(local if steps_per_call > 1 else local[0])
+            state, metrics = built.update(state, batch)
             step += steps_per_call
             final = step >= num_steps
 
