@@ -18,18 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jcdm import checkpoint as ckpt_lib
 from jcdm import data as data_lib
 from jcdm import evaluation, models, objective, reporting
 from jcdm import mesh as mesh_lib
+from jcdm import preemption as preemption_lib
 from jcdm import step as step_lib
-from jcdm.preemption import PreemptionWatcher
 
 log = logging.getLogger(__name__)
 
-gin.external_configurable(objective.ICTConfig, module="jcdm")
+# The math stays free of gin; the trainer registers the method config as a configurable.
+ICTConfig = gin.external_configurable(objective.ICTConfig, module="jcdm")
 
 
 class Preempted(Exception):
@@ -112,7 +114,7 @@ def build(
     image_shape = (spec.height, spec.width, spec.channels)
 
     # --- Model -----------------------------------------------------------------------------
-    cfg = objective.ICTConfig()
+    cfg = ICTConfig()
     networks = make_networks(image_shape=image_shape, head_mode=cfg.head)
     tx = make_optimizer()
     init_fn = lambda key: step_lib.init_state(key, networks, tx, image_shape)
@@ -212,8 +214,9 @@ def train(
     if log_every < 1 or eval_every < 0 or steps_per_call < 1:
         raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
     is_main = jax.process_index() == 0
-    preemption = PreemptionWatcher()
-    os.makedirs(workdir, exist_ok=True)
+    owns_watcher = preemption_lib.active() is None  # jcdm.main installs it before startup
+    preemption = preemption_lib.install()
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a bucket URL
     built = build(
         global_batch_size=global_batch_size,
         seed=seed,
@@ -246,10 +249,10 @@ def train(
         run_id=run_id,
         wandb_cfg=reporting.WandbConfig(),
         config_text=gin.config_str(),
+        resume_step=start_step,
     )
     if is_main:
-        with open(os.path.join(workdir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        (epath.Path(workdir) / "config.gin").write_text(gin.operative_config_str())
 
     def evaluate(step: int) -> None:
         for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,))):
@@ -273,11 +276,6 @@ def train(
             step += steps_per_call
             final = step >= num_steps
 
-            if preemption.should_stop():
-                _check_finite(state, step)
-                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
-                checkpointer.wait()
-                raise Preempted(step)
             if due(log_every) or final:
                 m = jax.device_get(metrics)
                 _check_finite(state, step)
@@ -288,6 +286,13 @@ def train(
                 reporter.write_metrics(step, last_metrics)
                 last_metrics.pop("compile_s", None)
                 reporter.progress(step, float(m["loss"]), ips, clock.elapsed())
+            # After logging, so the step's metrics row exists and is stored with the checkpoint;
+            # at the final step the regular final save below does the job.
+            if not final and preemption.should_stop():
+                _check_finite(state, step)
+                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
+                checkpointer.wait()
+                raise Preempted(step)
             if due(eval_every) or (eval_every and final):
                 evaluate(step)
             if due(checkpointer.cfg.save_every) or final:
@@ -297,7 +302,8 @@ def train(
     finally:
         checkpointer.close()
         reporter.close()
-        preemption.restore()
+        if owns_watcher:
+            preemption_lib.uninstall()
     multihost_utils.sync_global_devices("jcdm train finished")
     return step
 
@@ -315,14 +321,12 @@ def _check_finite(state, step: int) -> None:
 def _persistent_run_id(workdir: str) -> str:
     """One run id per workdir (the W&B run id), created once by process 0 and read back after
     restarts; broadcast so every process agrees without reading the workdir."""
-    path = os.path.join(workdir, "run_id")
+    path = epath.Path(workdir) / "run_id"
     run_id = ""
     if jax.process_index() == 0:
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write(uuid.uuid4().hex[:12])
-        with open(path) as f:
-            run_id = f.read().strip()
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex[:12])
+        run_id = path.read_text().strip()
     buf = np.zeros(64, np.uint8)
     buf[: len(run_id)] = np.frombuffer(run_id.encode(), np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))

@@ -1,0 +1,1 @@
+"""FID evaluation: the FID Inception-v3 in Flax, feature statistics and the Frechet distance."""
