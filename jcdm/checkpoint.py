@@ -2,27 +2,45 @@
 
 A checkpoint step directory holds `state` (TrainState as OCDBT/TensorStore arrays, restored onto
 the current mesh's shardings), `data` (the input iterator's state as JSON) and `meta` (step and the
-last logged metrics, for `tools/inspect_checkpoint.py`). The iterator state
-names a global batch, not a process's position, so process 0's copy restores every process, and
-a run can resume with a different number of processes. Orbax writes into
-a temporary directory and renames it only after every process has finished, so a step that was
-interrupted is never listed or restored.
+last logged metrics, for `tools/inspect_checkpoint.py`). The iterator state names a global batch,
+not a process's position, so every process restores from the same copy (written by process 0),
+and a run can resume with a different number of processes.
+
+Guarantees (tests/test_checkpoint.py checks each with real processes and signals):
+- A save whose write did not finish is never listed or restored: Orbax writes into a temporary
+  directory and renames it (local disks) or writes a commit marker last (buckets) only after
+  every process has finished.
+- If the latest checkpoint cannot be read, `restore_latest` says so, falls back to the one before
+  and moves the unreadable one aside (to `<checkpoints>_unreadable/`), so that the resumed run
+  can save that step again. All processes agree on the step they restore.
+- The training loop is blocked only while the save is handed over: the state is copied on the
+  device (one jitted copy, dispatched asynchronously) and a background thread runs Orbax's save
+  of the copy, whose own background thread then writes the files (`background=True`). With
+  `background=False` the loop waits for Orbax's device-to-host copy and per-array bookkeeping;
+  with `async_save=False` for the whole write. bench/checkpoint.py measures the three.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 log = logging.getLogger(__name__)
 
 
 ITEMS = ("state", "data", "meta")
+UNREADABLE_SUFFIX = "_unreadable"  # <workdir>/checkpoints_unreadable/<step>-<time>
 
 
 class CheckpointError(RuntimeError):
@@ -31,12 +49,15 @@ class CheckpointError(RuntimeError):
 
 @gin.configurable(module="jcdm")
 class CheckpointConfig:
-    """How often to save and what to keep.
+    """How often to save, what to keep, and how much the training loop may wait for a save.
 
     `save_every`: steps between regular saves (the final step and preemption saves come on top).
     `keep`: how many of the latest checkpoints survive. `keep_best_fid`: additionally keep this
-    many checkpoints with the lowest 1-step FID (the reference project's best-FID selection; 0 =
-    off, as iCT reports the last checkpoint). `async_save`: write in the background.
+    many checkpoints with the lowest `fid_metric` among those saved with that metric (0 = off,
+    as iCT reports the last checkpoint). `async_save`: write in the background. `background`:
+    with `async_save`, also hand Orbax's blocking part (device-to-host copy, per-array metadata,
+    the start barrier) to a thread, after a device-side copy of the state; this holds one more
+    copy of the state in accelerator memory until it has reached host memory.
     """
 
     def __init__(
@@ -46,6 +67,7 @@ class CheckpointConfig:
         keep: int = 3,
         keep_best_fid: int = 0,
         async_save: bool = True,
+        background: bool = True,
         fid_metric: str = "fid_1step",
     ):
         if save_every < 1 or keep < 1 or keep_best_fid < 0:
@@ -54,85 +76,265 @@ class CheckpointConfig:
         self.keep = keep
         self.keep_best_fid = keep_best_fid
         self.async_save = async_save
+        self.background = background and async_save
         self.fid_metric = fid_metric
 
 
-class Checkpointer:
-    """A thin layer over `ocp.CheckpointManager` with the run's items and policies."""
+def _use_coordination_service_barriers() -> None:
+    """Make Orbax synchronise processes through the coordination service, never on devices.
 
-    def __init__(self, directory: str, cfg: CheckpointConfig | None = None):
+    By default Orbax's barriers are an XLA all-reduce (`sync_global_devices`). A background save
+    would issue it from a second thread while the main thread runs the train step's collectives,
+    and collectives issued from two threads can be ordered differently on different hosts (a
+    deadlock on TPU; mixed-up gloo collectives on CPU). The coordination service's barriers touch
+    no device and have a timeout. Orbax's own finalisation thread already uses them.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # the trainer defines no absl flags; Grain needs this too
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
+class Checkpointer:
+    """A thin layer over `ocp.CheckpointManager` with the run's items and policies.
+
+    Every process calls every method, in the same order (Orbax synchronises the processes).
+    """
+
+    def __init__(self, directory: str | epath.Path, cfg: CheckpointConfig | None = None):
+        _use_coordination_service_barriers()
         self.cfg = cfg or CheckpointConfig()
+        self.directory = epath.Path(directory)
         keep: list = [cm.LatestN(self.cfg.keep)]
+        best: dict[str, Any] = {}
         if self.cfg.keep_best_fid:
             metric = self.cfg.fid_metric
             keep.append(
                 cm.BestN(
                     get_metric_fn=lambda m: m[metric],
-                    reverse=True,  # lower FID is better
+                    reverse=True,  # sorted high to low; the last n (lowest FID) are kept
                     n=self.cfg.keep_best_fid,
                     keep_checkpoints_without_metrics=False,
                 )
             )
+            # Without `best_fn` Orbax neither writes the metrics next to the checkpoint nor reads
+            # them back, so after a restart the best checkpoints would count as metric-less and
+            # be deleted by the next save.
+            best = dict(best_fn=lambda m: m[metric], best_mode="min")
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=cm.FixedIntervalPolicy(self.cfg.save_every),
             preservation_policy=cm.AnyPreservationPolicy(keep),
             enable_async_checkpointing=self.cfg.async_save,
             cleanup_tmp_directories=True,
             create=True,
+            **best,
         )
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+        self.last_blocked_s = 0.0  # how long the last `save` call kept the caller waiting
+
+    # --- Listing -------------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
+        self._join()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._join()
         return self.manager.latest_step()
 
+    # --- Saving --------------------------------------------------------------------------------
+
     def save(self, step: int, state, data_iterator, *, force: bool = False, metrics=None) -> bool:
-        """Start a save if the policy (or `force`) says so; returns whether one started."""
+        """Start a save if the policy (or `force`) says so; returns whether one started.
+
+        The iterator state and metrics are taken now. The files are written in the background;
+        `wait()` returns once they are committed. An error of a background save is raised by the
+        next `save` or `wait`.
+        """
+        t0 = time.perf_counter()
+        self._join()  # one save at a time: the previous one must have been handed to Orbax
+        if not force and not self.manager.should_save(step):
+            return False
+        if step in self.manager.all_steps():
+            # Only reachable by saving a step twice, e.g. a resumed run that reaches its final
+            # step again; the content would be identical (bit-exact resume), so keep the first.
+            log.warning("checkpoint for step %d already exists; not saving it again", step)
+            return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        data_state = {} if data_iterator is None else data_iterator.get_state()
+        if self.cfg.background:
+            # The copy is dispatched asynchronously: the caller may donate `state` to the next
+            # update at once, since JAX orders the donation after this read.
+            snapshot = self._copy(state)
+            self._thread = threading.Thread(
+                target=self._save_in_background,
+                args=(step, snapshot, data_state, metrics),
+                name=f"jcdm-checkpoint-{step}",
+                daemon=True,
+            )
+            self._thread.start()
+        else:
+            self._save_now(step, state, data_state, metrics)
+        self.last_blocked_s = time.perf_counter() - t0
+        log.info("checkpoint %d started (loop blocked %.3fs)", step, self.last_blocked_s)
+        return True
+
+    def _save_now(self, step: int, state, data_state: dict, metrics: dict[str, float]) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_iterator.get_state()),
+            data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({"step": int(step), "metrics": metrics}),
         )
-        return self.manager.save(step, args=args, force=force, metrics=metrics or None)
+        self.manager.save(step, args=args, force=True, metrics=self._ranking_metrics(metrics))
+
+    def _save_in_background(self, step: int, snapshot, data_state: dict, metrics: dict) -> None:
+        try:
+            self._save_now(step, snapshot, data_state, metrics)
+        except BaseException as e:  # surfaced by the next save() or wait() on the main thread
+            self._error = e
+
+    def _ranking_metrics(self, metrics: dict[str, float]) -> dict[str, float] | None:
+        """The metrics Orbax ranks checkpoints by, or None: the checkpoint is not a candidate."""
+        if not self.cfg.keep_best_fid:
+            return None
+        value = metrics.get(self.cfg.fid_metric)
+        if value is None or not math.isfinite(value):
+            return None
+        return {self.cfg.fid_metric: value}
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint failed: {error}") from error
+
+    def best_step(self, metric: str | None = None) -> int | None:
+        """The step whose stored metrics have the lowest `metric` (default: the FID metric)."""
+        import json
+        import os
+
+        metric = metric or self.cfg.fid_metric
+        best = None
+        for step in self.all_steps():
+            path = os.path.join(str(self.manager.directory), str(step), "meta", "metadata")
+            try:
+                with open(path) as f:
+                    value = json.load(f).get("metrics", {}).get(metric)
+            except OSError:
+                continue
+            if value is not None and (best is None or value < best[1]):
+                best = (step, value)
+        return None if best is None else best[0]
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self._join()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # raised by Orbax's writer thread
+            raise CheckpointError(f"saving a checkpoint failed: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # --- Restoring -----------------------------------------------------------------------------
 
     def restore(self, step: int, abstract_state, data_iterator=None) -> Any:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        """Restore `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        state, data = self._read(step, abstract_state, with_data=data_iterator is not None)
         if data_iterator is not None:
+            data_iterator.set_state(data)
+        return state
+
+    def _read(self, step: int, abstract_state, *, with_data: bool) -> tuple[Any, dict | None]:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if with_data:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iterator is not None:
-            data_iterator.set_state(restored["data"])
-        return restored["state"]
+        return restored["state"], (restored["data"] if with_data else None)
 
     def restore_latest(self, abstract_state, data_iterator=None) -> tuple[Any, int | None]:
-        """Restore the newest readable checkpoint; fall back to older ones if it is damaged."""
-        steps = self.all_steps()
+        """Restore the newest readable checkpoint; fall back to older ones if it is damaged.
+
+        Returns (state, step), or (None, None) when there is no checkpoint. Raises
+        CheckpointError when checkpoints exist but none can be read (e.g. a different model
+        configuration): the workdir is left as it is.
+        """
+        self.wait()
+        steps = sorted(self.manager.all_steps())
+        unreadable: list[int] = []
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state, data_iterator), step
+                state, data = self._read(step, abstract_state, with_data=data_iterator is not None)
+                ok = True
             except Exception as e:  # a damaged checkpoint: say so and try the one before
                 log.error(
-                    "checkpoint at step %d is unreadable (%s: %s); falling back to the one before",
+                    "checkpoint at step %d in %s is unreadable (%s: %s); falling back to the one "
+                    "before",
                     step,
+                    self.directory,
                     type(e).__name__,
                     str(e).splitlines()[0][:300] if str(e) else "",
                 )
+                ok = False
+            if not _on_every_process(ok):
+                if ok:
+                    log.error("checkpoint at step %d is unreadable on another process", step)
+                unreadable.append(step)
+                continue
+            if unreadable:
+                self._set_aside(unreadable)
+            if data_iterator is not None:
+                # Outside the fallback: a data stream that differs from the checkpoint's is a
+                # configuration error (DataError), not a damaged checkpoint.
+                data_iterator.set_state(data)
+            return state, step
         if steps:
             raise CheckpointError(
-                f"none of the checkpoints {steps} in {self.manager.directory} could be restored; "
-                "move the workdir aside to start afresh"
+                f"none of the checkpoints {steps} in {self.directory} could be restored (see the "
+                "errors above; a changed model configuration also causes this); move the workdir "
+                "aside to start afresh"
             )
         return None, None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable steps out of the checkpoint directory (process 0), so that Orbax
+        neither lists them nor refuses to save those steps again."""
+        aside = self.directory.parent / (self.directory.name + UNREADABLE_SUFFIX)
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                src, dst = self.directory / str(step), aside / f"{step}-{stamp}"
+                try:
+                    src.rename(dst)
+                except Exception as e:  # some object stores cannot rename directories
+                    log.warning("could not move %s aside (%s); deleting it", src, e)
+                    src.rmtree()
+                log.warning("moved unreadable checkpoint %d to %s", step, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+            multihost_utils.sync_global_devices("jcdm checkpoints set aside")
+        self.manager.reload()
+
+
+def _on_every_process(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+    return bool(np.all(flags))
 
 
 def abstract_with_shardings(abstract_state, shardings):

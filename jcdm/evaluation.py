@@ -85,11 +85,15 @@ class Sampler:
         return fn
 
     def _run(self, params, n: int, key: tuple, seed: int) -> np.ndarray:
-        padded = self.padded(n)
-        out = self._fn(padded, (padded, *key))(params, jax.random.PRNGKey(seed))
+        out = self.sample_global(params, n, key, seed)
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
         return np.asarray(out)[:n]
+
+    def sample_global(self, params, n: int, key: tuple, seed: int) -> jax.Array:
+        """padded(n) samples as a global array sharded over the batch (nothing leaves devices)."""
+        padded = self.padded(n)
+        return self._fn(padded, (padded, *key))(params, jax.random.PRNGKey(seed))
 
     def sample(self, params, n: int, intermediate_sigmas: Sequence[float] = (), *, seed: int = 0):
         """n consistency samples in [-1, 1]-ish range ([n, H, W, C] on every process)."""
@@ -100,3 +104,44 @@ class Sampler:
         if self.networks.head is None:
             raise ValueError("this run has no score head (ICTConfig.head = 'none')")
         return self._run(params, n, ("edm", num_steps), seed)
+
+
+class FIDEvaluator:
+    """FID of consistency samples against reference statistics (RECIPE.md: 50,000 samples
+    against the CIFAR-10 train-set pool_3 statistics). Sampling and Inception both run sharded
+    over every device; only the 2048-d features reach the host."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        *,
+        stats_path: str,
+        num_samples: int,
+        batch_size: int,
+        inception_weights: str | None = None,
+    ):
+        from jcdm.eval import fid, inception
+
+        self.sampler = sampler
+        self.ref = fid.load_stats(stats_path)
+        self.num_samples = num_samples
+        self.batch_size = sampler.padded(batch_size)
+        self._fid = fid
+        self._features = fid.make_inception_fn(
+            inception.load_params(inception_weights), sampler.mesh
+        )
+
+    def __call__(self, params, intermediate_sigmas: Sequence[float] = (), *, seed: int = 0):
+        stats = self._fid.FeatureStats()
+        done, i = 0, 0
+        while done < self.num_samples:
+            x = self.sampler.sample_global(
+                params, self.batch_size, ("consistency", tuple(intermediate_sigmas)), seed + i
+            )
+            if x.shape[-1] == 1:  # grayscale data: Inception sees it as gray RGB
+                x = jax.numpy.repeat(x, 3, axis=-1)
+            take = min(self.batch_size, self.num_samples - done)
+            stats.update(np.asarray(self._features(x))[:take])
+            done, i = done + take, i + 1
+        mu, sigma = stats.mean_cov()
+        return float(self._fid.frechet_distance(mu, sigma, *self.ref))

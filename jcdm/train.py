@@ -96,6 +96,7 @@ def build(
     ema_decay: float,
     steps_per_call: int = 1,
     nan_at_step: int = -1,
+    compile_update: bool = True,
 ) -> Built:
     """Mesh, input, model, sharding and update: everything but the loop (used by benchmarks)."""
     # --- Mesh ------------------------------------------------------------------------------
@@ -117,8 +118,8 @@ def build(
     cfg = ICTConfig()
     networks = make_networks(image_shape=image_shape, head_mode=cfg.head)
     tx = make_optimizer()
-    init_fn = lambda key: step_lib.init_state(key, networks, tx, image_shape)
-    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+    init_fn = lambda seed: step_lib.init_state(seed, networks, tx, image_shape)
+    abstract_state = jax.eval_shape(init_fn, jnp.int32(seed))
     num_params = {
         k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
         for k, v in abstract_state.params.items()
@@ -148,14 +149,18 @@ def build(
     )
     t0 = time.perf_counter()
     compiled = (
-        jax.jit(
-            update,
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, mesh_lib.replicated(mesh)),
-            donate_argnums=0,
+        None
+        if not compile_update
+        else (
+            jax.jit(
+                update,
+                in_shardings=(state_sh, batch_sh),
+                out_shardings=(state_sh, mesh_lib.replicated(mesh)),
+                donate_argnums=0,
+            )
+            .lower(abstract_state, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
+            .compile()
         )
-        .lower(abstract_state, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
-        .compile()
     )
     compile_s = time.perf_counter() - t0
     log.info("train step compiled in %.1fs", compile_s)
@@ -181,7 +186,15 @@ def init_or_restore(built: Built, checkpointer: ckpt_lib.Checkpointer, seed: int
     target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)
     state, restored_step = checkpointer.restore_latest(target, built.data_it)
     if state is None:
-        state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jax.random.PRNGKey(seed))
+        # Every process computes the same unsharded state on a local device, then keeps the
+        # shards its devices own: identical values whatever the mesh.
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        host = jax.device_get(jax.jit(built.init_fn, out_shardings=local)(jnp.int32(seed)))
+        state = jax.tree.map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
+            host,
+            built.state_sh,
+        )
         log.info("initialised a new run")
     else:
         log.info("resumed from step %d", restored_step)
@@ -203,14 +216,24 @@ def train(
     eval_every: int = 1000,
     num_grid_samples: int = 64,
     two_step_sigma: float = 0.821,
+    fid_every: int = 0,
+    fid_num_samples: int = 50_000,
+    fid_batch_size: int = 500,
+    fid_stats: str | None = None,
     nan_at_step: int = -1,
 ) -> int:
     """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
 
     `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
     `steps_per_call` updates run inside one compiled call (a scan). `eval_every = 0` turns sample
-    grids off. `nan_at_step` is a test hook that poisons the loss at that step.
+    grids off. Every `fid_every` steps (0: never) FID of 1- and 2-step samples against the
+    statistics file `fid_stats` (tools/fid_stats.py) is logged as fid_1step / fid_2step.
+    `nan_at_step` is a test hook that poisons the loss at that step.
     """
+    if fid_every and not fid_stats:
+        raise ValueError(
+            "train.fid_every > 0 needs train.fid_stats (make it with tools/fid_stats.py)"
+        )
     if log_every < 1 or eval_every < 0 or steps_per_call < 1:
         raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
     is_main = jax.process_index() == 0
@@ -254,16 +277,34 @@ def train(
     if is_main:
         (epath.Path(workdir) / "config.gin").write_text(gin.operative_config_str())
 
+    fid_eval = None
+    if fid_every:
+        fid_eval = evaluation.FIDEvaluator(
+            sampler, stats_path=fid_stats, num_samples=fid_num_samples, batch_size=fid_batch_size
+        )
+
     def evaluate(step: int) -> None:
         for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,))):
             images = sampler.sample(state.ema_params, num_grid_samples, sigmas, seed=seed)
             reporter.save_grid(step, tag, images)
+
+    def measure_fid(step: int) -> dict:
+        t0 = time.perf_counter()
+        out = {
+            f"fid_{tag}": fid_eval(state.ema_params, sigmas, seed=seed + 1)
+            for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,)))
+        }
+        out["fid_seconds"] = time.perf_counter() - t0
+        reporter.write_metrics(step, out)
+        log.info("step %d: FID 1-step %.3f, 2-step %.3f", step, out["fid_1step"], out["fid_2step"])
+        return out
 
     # --- Loop ------------------------------------------------------------------------------
     step = start_step
     window_t, window_step = time.perf_counter(), step
     clock = reporting.Stopwatch()
     last_metrics: dict = {"compile_s": compile_s}
+    fid_metrics: dict = {}  # kept apart so later rows do not repeat a stale FID
 
     def due(every: int) -> bool:  # crossed a multiple of `every` during the last call
         return every > 0 and step // every > (step - steps_per_call) // every
@@ -290,14 +331,20 @@ def train(
             # at the final step the regular final save below does the job.
             if not final and preemption.should_stop():
                 _check_finite(state, step)
-                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
+                checkpointer.save(
+                    step, state, data_it, force=True, metrics={**last_metrics, **fid_metrics}
+                )
                 checkpointer.wait()
                 raise Preempted(step)
             if due(eval_every) or (eval_every and final):
                 evaluate(step)
+            if due(fid_every) or (fid_every and final):
+                fid_metrics = measure_fid(step)
             if due(checkpointer.cfg.save_every) or final:
                 _check_finite(state, step)
-                checkpointer.save(step, state, data_it, force=True, metrics=last_metrics)
+                checkpointer.save(
+                    step, state, data_it, force=True, metrics={**last_metrics, **fid_metrics}
+                )
         checkpointer.wait()
     finally:
         checkpointer.close()
