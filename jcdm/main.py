@@ -94,8 +94,8 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     except Exception as e:  # gin raises ValueError, KeyError, SyntaxError, TokenError...
         msg = str(e).strip().splitlines()
         raise UsageError(
-            "bad gin configuration: " + " | ".join(msg[:3]) + "\nCheck the spelling of the "
-            "binding against `jcdm --help` and the .gin files; strings need quotes, e.g. "
+            "bad gin configuration: " + " | ".join(msg[:3]) + "\nCheck the spelling against "
+            "gin/joint.gin (a run's full config: <workdir>/config.gin); strings need quotes: "
             "\"ICTConfig.head='vanilla'\"."
         ) from e
     finally:
@@ -111,6 +111,12 @@ class _DropGinPathProbes(logging.Filter):
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
+    if not args.only_inference:
+        from jcdm import preemption
+
+        # Keep a SIGTERM that arrives while starting up (the loop acts on it), and own SIGTERM
+        # before jax.distributed starts JAX's notifier, which would swallow it (see preemption).
+        preemption.install()
     from jcdm import distributed
 
     try:

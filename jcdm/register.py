@@ -3,6 +3,7 @@
 import jcdm.checkpoint  # noqa: F401
 import jcdm.data  # noqa: F401
 import jcdm.distributed  # noqa: F401
+import jcdm.inference  # noqa: F401
 import jcdm.mesh  # noqa: F401
 import jcdm.models  # noqa: F401
 import jcdm.reporting  # noqa: F401
