@@ -22,6 +22,7 @@ Guarantees (tests/test_checkpoint.py checks each with real processes and signals
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -146,6 +147,23 @@ class Checkpointer:
         self._join()
         return self.manager.latest_step()
 
+    def stored_metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with `step` (its `meta` item), {} if it has none."""
+        path = self.directory / str(step) / "meta" / "metadata"
+        return json.loads(path.read_text()).get("metrics", {}) if path.exists() else {}
+
+    def best_step(self, metric: str | None = None) -> int | None:
+        """The kept checkpoint with the lowest finite `metric` (default: `cfg.fid_metric`)
+        among its stored metrics, or None. Ties go to the earliest step: a checkpoint saved
+        after an evaluation may carry that evaluation's value without having been measured."""
+        metric = metric or self.cfg.fid_metric
+        scored = []
+        for step in self.all_steps():
+            value = self.stored_metrics(step).get(metric)
+            if value is not None and math.isfinite(value):
+                scored.append((value, step))
+        return min(scored)[1] if scored else None
+
     # --- Saving --------------------------------------------------------------------------------
 
     def save(self, step: int, state, data_iterator, *, force: bool = False, metrics=None) -> bool:
@@ -160,8 +178,8 @@ class Checkpointer:
         if not force and not self.manager.should_save(step):
             return False
         if step in self.manager.all_steps():
-            # Only reachable by saving a step twice, e.g. a resumed run that reaches its final
-            # step again; the content would be identical (bit-exact resume), so keep the first.
+            # The trainer never does this (it resumes after the latest step and moves unreadable
+            # steps aside); a caller saving a step twice gets a warning, not Orbax's error.
             log.warning("checkpoint for step %d already exists; not saving it again", step)
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -213,24 +231,6 @@ class Checkpointer:
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"saving a checkpoint failed: {error}") from error
-
-    def best_step(self, metric: str | None = None) -> int | None:
-        """The step whose stored metrics have the lowest `metric` (default: the FID metric)."""
-        import json
-        import os
-
-        metric = metric or self.cfg.fid_metric
-        best = None
-        for step in self.all_steps():
-            path = os.path.join(str(self.manager.directory), str(step), "meta", "metadata")
-            try:
-                with open(path) as f:
-                    value = json.load(f).get("metrics", {}).get(metric)
-            except OSError:
-                continue
-            if value is not None and (best is None or value < best[1]):
-                best = (step, value)
-        return None if best is None else best[0]
 
     def wait(self) -> None:
         """Block until every started save is committed."""

@@ -5,9 +5,12 @@
 
 Each process runs `python -m jcdm <trainer arguments>` with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set, so the trainer takes the same multi-host code path as on
-a TPU pod (gloo collectives over loopback). Output lines are prefixed with `[pK]`. The exit code
-is 0 when every process succeeded, the common code when all failed alike (e.g. 75, preempted),
-else the first non-zero code seen. SIGTERM/SIGINT to the launcher is forwarded to every process.
+a TPU pod (gloo collectives over loopback). Output lines are prefixed with `[pK]` (and, with
+`--log_dir`, also written to `process_K.log` there). The exit code combines the processes' codes
+like infra/slurm/jcdm.sbatch does: 3 (numerical) > 2 (usage) > 75 (preempted) > the first other
+failure > 0, so a survivor that exits 1 because its peer stopped first does not mask the cause.
+A process killed by signal n counts as 128 + n. SIGTERM/SIGINT to the launcher is forwarded to
+every process.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 
 NOISE = ("[Gloo]", "Gloo connected", "absl::InitializeLog")
+PRIORITY = (3, 2, 75)  # numerical, usage, preempted: the codes that explain a whole-job stop
 
 
 def free_port() -> int:
@@ -33,8 +38,11 @@ def free_port() -> int:
 def process_env(index: int, num: int, devices: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
+    # Keep the caller's other XLA flags (the tests' fast-compile flags); only the device count
+    # is ours. JAX_NUM_CPU_DEVICES would override the flag, so it goes.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env.pop("JAX_NUM_CPU_DEVICES", None)
     env["PYTHONUNBUFFERED"] = "1"
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
@@ -45,7 +53,7 @@ def process_env(index: int, num: int, devices: int, port: int) -> dict[str, str]
     return env
 
 
-def _pump(index: int, stream, sink, lock: threading.Lock) -> None:
+def _pump(index: int, stream: IO[bytes], sink: IO[str], log: IO[str] | None, lock) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
         if any(n in line for n in NOISE):
@@ -53,6 +61,9 @@ def _pump(index: int, stream, sink, lock: threading.Lock) -> None:
         with lock:
             sink.write(f"[p{index}] {line}\n")
             sink.flush()
+        if log is not None:
+            log.write(line + "\n")
+            log.flush()
 
 
 def launch(
@@ -62,30 +73,19 @@ def launch(
     devices_per_process: int,
     module: str = "jcdm",
     kill_after: float = 60.0,
+    log_dir: str | None = None,
 ) -> int:
     """Run the processes to completion; return the combined exit code.
 
     If one process exits non-zero, the others get `kill_after` seconds to exit by themselves
-    (the trainer's peer watchdog normally ends them sooner) before they are killed.
+    (the trainer's peer watchdog normally ends them within about a second) before they are
+    killed, so a hung survivor cannot keep the launcher alive.
     """
     port = free_port()
     lock = threading.Lock()
-    procs, pumps = [], []
-    for i in range(num_processes):
-        p = subprocess.Popen(
-            [sys.executable, "-m", module, *trainer_args],
-            env=process_env(i, num_processes, devices_per_process, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches the children through the launcher only
-        )
-        with lock:
-            sys.stdout.write(f"[launch] process {i} pid {p.pid}\n")
-            sys.stdout.flush()
-        t = threading.Thread(target=_pump, args=(i, p.stdout, sys.stdout, lock), daemon=True)
-        t.start()
-        procs.append(p)
-        pumps.append(t)
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    logs: list[IO[str]] = []
 
     def forward(signum, frame):
         for p in procs:
@@ -93,9 +93,33 @@ def launch(
                 p.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
     codes: list[int | None] = [None] * num_processes
-    first_failure: float | None = None
     try:
+        for i in range(num_processes):
+            p = subprocess.Popen(
+                [sys.executable, "-m", module, *trainer_args],
+                env=process_env(i, num_processes, devices_per_process, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C reaches the children through the launcher only
+            )
+            log = open(os.path.join(log_dir, f"process_{i}.log"), "w") if log_dir else None
+            if log is not None:
+                logs.append(log)
+            with lock:
+                sys.stdout.write(f"[launch] process {i} pid {p.pid}\n")
+                sys.stdout.flush()
+            t = threading.Thread(
+                target=_pump, args=(i, p.stdout, sys.stdout, log, lock), daemon=True
+            )
+            t.start()
+            procs.append(p)
+            pumps.append(t)
+
+        first_failure: float | None = None
+        killed: set[int] = set()
         while any(c is None for c in codes):
             for i, p in enumerate(procs):
                 if codes[i] is None and p.poll() is not None:
@@ -104,37 +128,46 @@ def launch(
                         first_failure = time.monotonic()
             if first_failure is not None and time.monotonic() - first_failure > kill_after:
                 for i, p in enumerate(procs):
-                    if codes[i] is None:
-                        sys.stdout.write(
-                            f"[launch] killing process {i} ({kill_after}s after a peer failed)\n"
-                        )
+                    if codes[i] is None and i not in killed:
+                        with lock:
+                            sys.stdout.write(
+                                f"[launch] killing process {i} ({kill_after:g}s after a peer "
+                                "failed)\n"
+                            )
                         p.kill()
+                        killed.add(i)
             time.sleep(0.05)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for i, p in enumerate(procs):  # only reached early by an exception in the launcher
+            if codes[i] is None and p.poll() is None:
+                p.kill()
     for t in pumps:
         t.join(timeout=5)
-    sys.stdout.write(f"[launch] exit codes {codes}\n")
+    for log in logs:
+        log.close()
+    rc = combine([c for c in codes if c is not None])
+    sys.stdout.write(f"[launch] exit codes {codes} -> {rc}\n")
     sys.stdout.flush()
-    return combine(codes)
+    return rc
 
 
 def combine(codes: list[int]) -> int:
+    """One exit code for the job, with the policy of infra/slurm/jcdm.sbatch."""
     codes = [c if c >= 0 else 128 - c for c in codes]  # killed by signal n -> 128 + n
-    if all(c == 0 for c in codes):
-        return 0
-    if len(set(codes)) == 1:
-        return codes[0]
-    return next(c for c in codes if c != 0)
+    for c in PRIORITY:
+        if c in codes:
+            return c
+    return next((c for c in codes if c != 0), 0)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
         print(
-            "usage: python -m jcdm.launch_local --num_processes N --devices_per_process M -- "
-            "<trainer arguments>",
+            "usage: python -m jcdm.launch_local [--num_processes N] [--devices_per_process M] "
+            "[--kill_after S] [--log_dir DIR] -- <trainer arguments>",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -148,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         default=60.0,
         help="seconds survivors get after a peer fails, before they are killed",
     )
+    p.add_argument("--log_dir", help="also write each process's output to DIR/process_K.log")
     p.add_argument("--module", default="jcdm", help=argparse.SUPPRESS)
     args = p.parse_args(argv[:cut])
     if args.num_processes < 1 or args.devices_per_process < 1:
@@ -159,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             devices_per_process=args.devices_per_process,
             module=args.module,
             kill_after=args.kill_after,
+            log_dir=args.log_dir,
         )
     )
 

@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     short = [a for a in argv if a.startswith("--gin.")]
     rest = [a for a in argv if not a.startswith("--gin.")]
     args = p.parse_args(rest)
+    if "://" not in args.workdir:  # Orbax/TensorStore need absolute local paths
+        args.workdir = os.path.abspath(args.workdir)
     for a in short:
         binding = a[len("--gin.") :]
         if "=" not in binding:

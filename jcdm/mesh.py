@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 STRATEGIES = ("replicated", "fsdp")
@@ -86,18 +88,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(global_batch_size: int, mesh: Mesh) -> None:
-    """The global batch must split evenly over devices and over processes."""
+    """The global batch must split evenly over devices and over processes, and each process's
+    devices must hold exactly the rows its input pipeline reads.
+
+    The pipeline gives process p rows [p*L, (p+1)*L) of the global batch (L = G / processes);
+    `jax.make_array_from_process_local_data` would silently accept a mesh whose devices put
+    other rows on this process, and the run would then train on a reordered batch (images paired
+    with other noise draws) that differs from the one-process run.
+    """
     n = mesh.size
     if global_batch_size % n:
         raise MeshError(
-            f"global batch {global_batch_size} does not divide across {n} devices; "
-            f"use a multiple of {n} (train.global_batch_size)."
+            f"global batch {global_batch_size} does not divide across {n} devices "
+            f"(mesh {dict(mesh.shape)}); use a multiple of {n} (train.global_batch_size)."
         )
-    if global_batch_size % jax.process_count():
+    count = jax.process_count()
+    if global_batch_size % count:
         raise MeshError(
-            f"global batch {global_batch_size} does not divide across {jax.process_count()} "
-            "processes"
+            f"global batch {global_batch_size} does not divide across {count} processes"
         )
+    rows = global_batch_size // count
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+    for device, (sl,) in index_map.items():
+        start, stop = sl.indices(global_batch_size)[:2]
+        p = device.process_index
+        if not (p * rows <= start and stop <= (p + 1) * rows):
+            raise MeshError(
+                f"device {device} of process {p} holds batch rows [{start}, {stop}) but that "
+                f"process reads rows [{p * rows}, {(p + 1) * rows}); order the mesh's devices "
+                "by process (make_mesh does)."
+            )
 
 
 def param_spec(
@@ -112,7 +132,7 @@ def param_spec(
     """
     if strategy not in STRATEGIES:
         raise MeshError(f"sharding strategy {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "replicated" or fsdp_size == 1 or math.prod(shape) < min_size:
+    if strategy == "replicated" or fsdp_size == 1 or not shape or math.prod(shape) < min_size:
         return P()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % fsdp_size == 0:
@@ -130,21 +150,50 @@ def param_spec(
 def state_shardings(
     abstract_state, mesh: Mesh, *, strategy: str = "replicated", fsdp_min_size: int = 2**14
 ):
-    """NamedShardings for every leaf of a (abstract) training state pytree."""
+    """NamedShardings for every leaf of a (abstract) training state pytree.
+
+    Parameters, their optimizer moments and their EMA copy follow `param_spec`, so each moment
+    is sharded exactly like its parameter and the update needs no resharding. Integer leaves
+    (the step, counters, the PRNG key) and scalars are always replicated.
+    """
+    if strategy not in STRATEGIES:
+        raise MeshError(f"sharding strategy {strategy!r}; choose one of {STRATEGIES}")
     fsdp_size = mesh.shape["fsdp"]
+    counts = {"sharded": 0, "replicated": 0, "sharded_elements": 0, "elements": 0}
 
     def rule(path, leaf):
-        shape = getattr(leaf, "shape", ())
-        spec = param_spec(
-            jax.tree_util.keystr(path),
-            shape,
-            strategy=strategy,
-            fsdp_size=fsdp_size,
-            min_size=fsdp_min_size,
-        )
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            spec = P()
+        else:
+            spec = param_spec(
+                jax.tree_util.keystr(path),
+                shape,
+                strategy=strategy,
+                fsdp_size=fsdp_size,
+                min_size=fsdp_min_size,
+            )
+        size = math.prod(shape)
+        counts["elements"] += size
+        if spec == P():
+            counts["replicated"] += 1
+        else:
+            counts["sharded"] += 1
+            counts["sharded_elements"] += size
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(rule, abstract_state)
+    shardings = jax.tree_util.tree_map_with_path(rule, abstract_state)
+    log.info(
+        "state sharding %s over fsdp=%d: %d arrays sharded (%.1f%% of %d elements), %d replicated",
+        strategy,
+        fsdp_size,
+        counts["sharded"],
+        100 * counts["sharded_elements"] / max(counts["elements"], 1),
+        counts["elements"],
+        counts["replicated"],
+    )
+    return shardings
 
 
 def describe(mesh: Mesh) -> str:
@@ -153,6 +202,3 @@ def describe(mesh: Mesh) -> str:
         f"process {jax.process_index()}/{jax.process_count()} mesh {dict(mesh.shape)} "
         f"local devices {local} platform {mesh.devices.flat[0].platform}"
     )
-
-
-log = logging.getLogger(__name__)

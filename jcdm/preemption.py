@@ -1,9 +1,14 @@
 """Preemption notices: SIGTERM on any process stops every process at the same step (system code).
 
-A Python handler only records the notice, so a signal that arrives while XLA compiles or an
-evaluation runs is kept and acted on at the next step boundary. On several processes the flags
-are all-gathered, so all processes agree on the step at which to save and exit. This handler
-replaces JAX's own preemption notifier (they cannot both own SIGTERM).
+A Python handler only records the notice, so a signal that arrives while XLA compiles, a
+checkpoint is restored or an evaluation runs is kept and acted on at the next step boundary. On
+several processes the flags are all-gathered at every step boundary, so all processes agree on the
+step at which to save and exit.
+
+This handler replaces JAX's own preemption notifier: both cannot own SIGTERM, and JAX's is
+installed by `jax.distributed.initialize` and swallows the signal unless the loop polls
+`reached_preemption_sync_point`. `install()` therefore turns JAX's notifier off and must run
+before `jax.distributed.initialize` (jcdm.main does this), so no notice is lost in between.
 """
 
 from __future__ import annotations
@@ -49,3 +54,27 @@ class PreemptionWatcher:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+_active: PreemptionWatcher | None = None
+
+
+def active() -> PreemptionWatcher | None:
+    return _active
+
+
+def install() -> PreemptionWatcher:
+    """The process-wide watcher, installed on the first call (from the main thread)."""
+    global _active
+    if _active is None:
+        jax.config.update("jax_enable_preemption_service", False)
+        _active = PreemptionWatcher()
+    return _active
+
+
+def uninstall() -> None:
+    """Give SIGTERM back to its previous handler (for in-process callers such as tests)."""
+    global _active
+    if _active is not None:
+        _active.restore()
+        _active = None

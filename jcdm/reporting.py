@@ -1,10 +1,14 @@
 """Run outputs: metrics.jsonl, the terminal progress line, PNG sample grids and W&B.
 
-Only process 0 writes; other processes get a `Reporter` whose methods do nothing.
+Only process 0 writes; other processes get a `Reporter` whose methods do nothing. The workdir may
+be a local path or a bucket URL (gs://...; `etils.epath`, which Orbax uses too). A resumed run
+first drops the rows of steps after the restored checkpoint (written by the interrupted run after
+its last save, and about to be recomputed), so the file reads as if the run had never stopped.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,6 +18,7 @@ from typing import Any
 
 import gin
 import numpy as np
+from etils import epath
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,7 +40,7 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+def save_png(path: str | epath.Path, image: np.ndarray, scale: int = 1) -> None:
     from PIL import Image
 
     if image.shape[-1] == 1:
@@ -43,8 +48,23 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     pil = Image.fromarray(image)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    tmp = f"{path}.tmp"
-    pil.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    _write_atomically(epath.Path(path), buf.getvalue())
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _write_atomically(path: epath.Path, data: bytes) -> None:
+    """Readers never see a half-written file: a local file is renamed into place; an object in a
+    bucket appears whole when its upload completes."""
+    if not _is_local(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -82,16 +102,21 @@ class Reporter:
         run_id: str,
         wandb_cfg: WandbConfig | None = None,
         config_text: str = "",
+        resume_step: int = 0,
+        upload_every_s: float = 60.0,
     ):
-        self.workdir = workdir
+        """`resume_step`: the step the run starts from; rows of later steps are dropped.
+        `upload_every_s`: in a bucket, where files cannot be appended to, metrics.jsonl is
+        rewritten whole at most this often (and at `close`)."""
+        self.workdir = epath.Path(workdir)
         self.enabled = enabled
         self.num_steps = num_steps
         self._tty = sys.stderr.isatty()
         self._wandb = None
         if not enabled:
             return
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        (self.workdir / "samples").mkdir(parents=True, exist_ok=True)
+        self._metrics = _MetricsFile(self.workdir / "metrics.jsonl", resume_step, upload_every_s)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
@@ -101,7 +126,7 @@ class Reporter:
                 name=wandb_cfg.name or run_id,
                 id=run_id,
                 resume="allow",
-                dir=workdir,
+                dir=workdir if _is_local(self.workdir) else None,  # W&B writes local files
                 mode=wandb_cfg.mode,
                 tags=list(wandb_cfg.tags),
                 config={"gin": config_text},
@@ -112,8 +137,7 @@ class Reporter:
             return
         row = {"step": int(step)}
         row.update({k: _scalar(v) for k, v in metrics.items()})
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        self._metrics.append(json.dumps(row))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
@@ -135,13 +159,13 @@ class Reporter:
         if not self.enabled:
             return None
         grid = image_grid(to_uint8(images))
-        path = os.path.join(self.workdir, "samples", f"{tag}_{step:07d}.png")
+        path = self.workdir / "samples" / f"{tag}_{step:07d}.png"
         save_png(path, grid, scale=max(1, 128 // images.shape[1]))
         if self._wandb is not None:
             import wandb
 
             self._wandb.log({f"samples/{tag}": wandb.Image(grid, caption=tag)}, step=int(step))
-        return path
+        return os.fspath(path)
 
     def close(self) -> None:
         if not self.enabled:
@@ -151,6 +175,53 @@ class Reporter:
         self._metrics.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class _MetricsFile:
+    """metrics.jsonl: one JSON row per logged step, appended (local) or re-uploaded (bucket)."""
+
+    def __init__(self, path: epath.Path, resume_step: int, upload_every_s: float):
+        self.path = path
+        self.local = _is_local(path)
+        self.upload_every_s = upload_every_s
+        rows = path.read_text().splitlines() if path.exists() else []
+        steps = [(_row_step(r), r) for r in rows]
+        kept = [r for s, r in steps if s is not None and s <= resume_step]
+        if len(kept) != len(rows):
+            # Rows past the checkpoint were written after the last save of an interrupted run.
+            _write_atomically(path, "".join(r + "\n" for r in kept).encode())
+        self._rows = kept  # only kept in memory for a bucket
+        self._uploaded = time.monotonic()
+        self._dirty = False
+        self._file = open(path, "a") if self.local else None  # noqa: SIM115
+
+    def append(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+            return
+        self._rows.append(line)
+        self._dirty = True
+        if time.monotonic() - self._uploaded >= self.upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        self.path.write_text("".join(r + "\n" for r in self._rows))
+        self._uploaded = time.monotonic()
+        self._dirty = False
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        elif self._dirty:
+            self._upload()
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line of a killed run (or an empty line): dropped
 
 
 def _scalar(v):

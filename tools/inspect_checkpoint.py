@@ -2,9 +2,15 @@
 
     python tools/inspect_checkpoint.py WORKDIR [--step N] [--json]
 
-`params_sha256` hashes the parameters' bytes (float32, little-endian) leaf by leaf in sorted
-key-path order, so two runs that end with bitwise-identical parameters print the same hash,
-whatever mesh or process count wrote them. Reads on the host CPU; needs no accelerator.
+WORKDIR is the trainer's --workdir (a local path or a bucket URL); its `checkpoints/` directory
+is read. Only committed checkpoints are listed (Orbax's temporary directories of unfinished saves
+are not). `--json` prints one object with the keys step, steps, num_params, params_sha256,
+ema_params_sha256 and metrics.
+
+`params_sha256` is the SHA-256 over the parameter leaves in sorted key-path order (e.g.
+"['backbone']['Conv_0']['bias']"), each contributing its key path, dtype, shape and then its
+values' bytes (C order, little-endian). Two runs that end with bitwise-identical parameters print
+the same hash, whatever mesh or process count wrote them. Reads on the host CPU.
 """
 
 from __future__ import annotations
@@ -20,22 +26,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from etils import epath  # noqa: E402
 
 
-def checkpoint_dir(workdir: str) -> str:
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
+def checkpoint_dir(workdir: str) -> epath.Path:
+    d = epath.Path(workdir) / "checkpoints"
+    if not d.is_dir():
         raise SystemExit(f"inspect_checkpoint: no checkpoints directory in {workdir!r}")
     return d
 
 
 def list_steps(workdir: str) -> list[int]:
-    """Committed steps only: Orbax's temporary directories of unfinished saves are not listed."""
-    d = checkpoint_dir(workdir)
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+    """Committed steps only, as Orbax's CheckpointManager would list them."""
+    return sorted(ocp.path.step.checkpoint_steps(checkpoint_dir(workdir)))
 
 
-def load_tree(path: str) -> dict:
+def load_tree(path: epath.Path) -> dict:
+    """The saved TrainState as nested dicts of numpy arrays (no device, no mesh needed)."""
     ckptr = ocp.PyTreeCheckpointer()
     tree = ckptr.metadata(path).item_metadata.tree
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -43,13 +50,16 @@ def load_tree(path: str) -> dict:
 
 
 def params_digest(params) -> tuple[int, str]:
+    """(number of values, SHA-256 hex digest) of a parameter tree; see the module docstring."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     h = hashlib.sha256()
     count = 0
     for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.ascontiguousarray(np.asarray(leaf, dtype=np.float32))
+        arr = np.asarray(leaf)
+        arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
         h.update(jax.tree_util.keystr(path).encode())
-        h.update(arr.astype("<f4").tobytes())
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
         count += arr.size
     return count, h.hexdigest()
 
@@ -61,15 +71,12 @@ def describe(workdir: str, step: int | None = None) -> dict:
     step = steps[-1] if step is None else step
     if step not in steps:
         raise SystemExit(f"inspect_checkpoint: no checkpoint at step {step}; have {steps}")
-    base = os.path.join(checkpoint_dir(workdir), str(step))
-    state = load_tree(os.path.join(base, "state"))
+    base = checkpoint_dir(workdir) / str(step)
+    state = load_tree(base / "state")
     num_params, digest = params_digest(state["params"])
     _, ema_digest = params_digest(state["ema_params"])
-    meta_path = os.path.join(base, "meta", "metadata")
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+    meta_path = base / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return {
         "step": int(np.asarray(state["step"])),
         "steps": steps,
@@ -86,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", type=int, default=None, help="default: the latest")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from absl import logging as absl_logging
+
+    # Orbax warns about metadata files that only newer writers create; not the user's concern.
+    absl_logging.set_verbosity(absl_logging.ERROR)
     info = describe(args.workdir, args.step)
     if args.json:
         json.dump(info, sys.stdout)

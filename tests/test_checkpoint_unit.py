@@ -1,0 +1,310 @@
+"""The Checkpointer, preemption watcher and metrics file in this process, on tiny states (fast).
+
+The end-to-end behaviour with real trainer processes and signals is in tests/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcdm import checkpoint as ckpt_lib
+from jcdm import preemption, reporting
+
+
+class FakeIterator:
+    def __init__(self, next_batch: int = 0):
+        self.next_batch = next_batch
+
+    def get_state(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def set_state(self, state: dict) -> None:
+        self.next_batch = state["next_batch"]
+
+
+def make_state(seed: int = 0) -> dict:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {
+        "params": {"w": jax.random.normal(k1, (64, 32)), "b": jax.random.normal(k2, (32,))},
+        "step": jnp.asarray(seed, jnp.int32),
+    }
+
+
+def abstract(state) -> dict:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def checkpointer(directory, **cfg) -> ckpt_lib.Checkpointer:
+    return ckpt_lib.Checkpointer(str(directory), ckpt_lib.CheckpointConfig(**cfg))
+
+
+def same(a, b) -> bool:
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def test_background_save_is_unaffected_by_donating_the_state_right_after(tmp_path):
+    """The training loop donates the state to the next update as soon as `save` returns; the
+    saved values must be those at the save, bit for bit."""
+    update = jax.jit(lambda s: jax.tree.map(lambda x: x * 3 + 1, s), donate_argnums=0)
+    state = make_state(1)
+    target = abstract(state)
+    expected = {}
+    ckpt = checkpointer(tmp_path, save_every=1)
+    try:
+        for step in (1, 2, 3):
+            expected[step] = jax.tree.map(np.array, state)  # a host copy, before the save
+            assert ckpt.save(step, state, FakeIterator(step), force=True)
+            state = update(state)  # donates the buffers the save was given
+            state = update(state)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2, 3]
+        for step in (1, 2, 3):
+            it = FakeIterator()
+            assert same(ckpt.restore(step, target, it), expected[step])
+            assert it.next_batch == step
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.parametrize("mode", ["background", "orbax_async", "sync"])
+def test_every_save_mode_restores_bit_exactly(tmp_path, mode):
+    cfg = {
+        "background": dict(async_save=True, background=True),
+        "orbax_async": dict(async_save=True, background=False),
+        "sync": dict(async_save=False),
+    }[mode]
+    state = make_state(2)
+    ckpt = checkpointer(tmp_path, save_every=1, **cfg)
+    try:
+        ckpt.save(5, state, FakeIterator(7), force=True, metrics={"loss": 1.5})
+        ckpt.wait()
+        it = FakeIterator()
+        restored, step = ckpt.restore_latest(abstract(state), it)
+    finally:
+        ckpt.close()
+    assert step == 5 and it.next_batch == 7 and same(restored, state)
+    meta = json.loads((tmp_path / "5" / "meta" / "metadata").read_text())
+    assert meta == {"step": 5, "metrics": {"loss": 1.5}}
+
+
+def test_save_interval_policy_and_keep(tmp_path):
+    state = make_state()
+    ckpt = checkpointer(tmp_path, save_every=3, keep=2)
+    try:
+        started = [s for s in range(1, 10) if ckpt.save(s, state, FakeIterator(s))]
+        ckpt.save(10, state, FakeIterator(10), force=True)  # e.g. the final or a preemption step
+        ckpt.wait()
+        assert started == [3, 6, 9]
+        assert ckpt.all_steps() == [9, 10]
+    finally:
+        ckpt.close()
+
+
+def test_keep_best_fid_survives_a_restart(tmp_path):
+    """keep=1 latest plus the 2 lowest-FID checkpoints among those saved with an FID; a
+    checkpoint without FID is only kept while it is the latest. The ranking is read back after a
+    restart (Orbax stores it only when told to)."""
+    state = make_state()
+    fids = {1: 5.0, 2: 3.0, 3: None, 4: 1.0, 5: 6.0}
+    ckpt = checkpointer(tmp_path, save_every=1, keep=1, keep_best_fid=2, async_save=False)
+    try:
+        for step, fid in fids.items():
+            metrics = {"loss": 0.1} if fid is None else {"loss": 0.1, "fid_1step": fid}
+            ckpt.save(step, state, FakeIterator(step), force=True, metrics=metrics)
+        assert ckpt.all_steps() == [2, 4, 5]
+    finally:
+        ckpt.close()
+    ckpt = checkpointer(tmp_path, save_every=1, keep=1, keep_best_fid=2, async_save=False)
+    try:
+        ckpt.save(6, state, FakeIterator(6), force=True, metrics={"fid_1step": 2.0})
+        ckpt.save(7, state, FakeIterator(7), force=True, metrics={"fid_1step": float("nan")})
+        assert ckpt.all_steps() == [4, 6, 7]
+    finally:
+        ckpt.close()
+
+
+def test_best_step_reads_the_stored_metrics(tmp_path):
+    state = make_state()
+    ckpt = checkpointer(tmp_path, save_every=1, keep=5, async_save=False)
+    try:
+        assert ckpt.best_step() is None
+        for step, fid in {1: 4.0, 2: 2.5, 3: 2.5, 4: float("nan"), 5: None}.items():
+            metrics = {"loss": 1.0} if fid is None else {"fid_1step": fid}
+            ckpt.save(step, state, FakeIterator(step), force=True, metrics=metrics)
+        assert ckpt.best_step() == 2  # lowest; the tie goes to the step that measured it
+        assert ckpt.stored_metrics(5) == {"loss": 1.0}
+        assert ckpt.best_step("loss") == 5
+    finally:
+        ckpt.close()
+
+
+def test_unfinished_save_is_never_listed_or_restored(tmp_path):
+    """What a process killed mid-save leaves behind: Orbax's temporary directory."""
+    state = make_state(3)
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, state, FakeIterator(1), force=True)
+    ckpt.save(2, make_state(4), FakeIterator(2), force=True)
+    ckpt.close()
+    os.rename(tmp_path / "2", tmp_path / "2.orbax-checkpoint-tmp-1234567")
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    try:
+        assert ckpt.all_steps() == [1]
+        restored, step = ckpt.restore_latest(abstract(state), FakeIterator())
+        assert step == 1 and same(restored, state)
+        ckpt.save(2, state, FakeIterator(2), force=True)  # the step can be saved again
+        assert ckpt.all_steps() == [1, 2]
+    finally:
+        ckpt.close()
+
+
+def test_unreadable_latest_falls_back_and_is_moved_aside(tmp_path, caplog):
+    ckdir = tmp_path / "checkpoints"
+    state = make_state(5)
+    ckpt = checkpointer(ckdir, save_every=1, async_save=False)
+    ckpt.save(1, state, FakeIterator(1), force=True)
+    ckpt.save(2, make_state(6), FakeIterator(2), force=True)
+    ckpt.close()
+    for f in (ckdir / "2" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * f.stat().st_size)
+    ckpt = checkpointer(ckdir, save_every=1, async_save=False)
+    try:
+        with caplog.at_level(logging.ERROR, logger="jcdm.checkpoint"):
+            restored, step = ckpt.restore_latest(abstract(state), FakeIterator())
+        assert step == 1 and same(restored, state)
+        assert "checkpoint at step 2" in caplog.text and "unreadable" in caplog.text
+        assert ckpt.all_steps() == [1]
+        assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == [
+            "2"
+        ]
+        ckpt.save(2, state, FakeIterator(2), force=True)  # the resumed run saves step 2 again
+        assert ckpt.all_steps() == [1, 2]
+    finally:
+        ckpt.close()
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, make_state(), FakeIterator(1), force=True)
+    ckpt.close()
+    wrong = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}}  # another model
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointError, match="none of the checkpoints"):
+            ckpt.restore_latest(wrong)
+        assert ckpt.all_steps() == [1]
+    finally:
+        ckpt.close()
+    assert not (tmp_path.parent / (tmp_path.name + "_unreadable")).exists()
+
+
+def test_empty_directory_restores_nothing(tmp_path):
+    ckpt = checkpointer(tmp_path / "none")
+    try:
+        assert ckpt.restore_latest(abstract(make_state())) == (None, None)
+    finally:
+        ckpt.close()
+
+
+def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path):
+    ckpt = checkpointer(tmp_path, save_every=1)
+    try:
+        ckpt.save(1, {"x": jnp.ones(3)}, FakeIterator(1), force=True)
+        ckpt.wait()
+        shutil.rmtree(tmp_path)
+        tmp_path.write_text("not a directory")  # the next save cannot create its directory
+        ckpt.save(2, {"x": jnp.ones(3)}, FakeIterator(2), force=True)
+        with pytest.raises(ckpt_lib.CheckpointError, match="saving a checkpoint failed"):
+            ckpt.wait()
+    finally:
+        tmp_path.unlink()
+        tmp_path.mkdir()
+        try:
+            ckpt.close()
+        except Exception:
+            pass
+
+
+def test_sigterm_is_recorded_not_fatal_and_jax_notifier_is_off():
+    assert preemption.active() is None
+    watcher = preemption.install()
+    try:
+        assert preemption.install() is watcher  # one per process
+        assert jax.config.jax_enable_preemption_service is False
+        assert not watcher.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in Python: this test keeps running
+        assert watcher.local_notice and watcher.should_stop()
+    finally:
+        preemption.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert preemption.active() is None
+
+
+def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
+    rows = [json.dumps({"step": s, "loss": float(s)}) for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "lo')  # torn
+    reporter = reporting.Reporter(
+        str(tmp_path), enabled=True, num_steps=10, run_id="x", resume_step=3
+    )
+    reporter.write_metrics(4, {"loss": 40.0})
+    reporter.close()
+    got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert got == [{"step": s, "loss": float(s)} for s in (1, 2, 3)] + [{"step": 4, "loss": 40.0}]
+
+
+def test_metrics_in_a_bucket_are_uploaded_whole(tmp_path, monkeypatch):
+    """A bucket object cannot be appended to: rows are kept and the file is rewritten."""
+    monkeypatch.setattr(reporting, "_is_local", lambda path: False)
+    reporter = reporting.Reporter(
+        str(tmp_path), enabled=True, num_steps=10, run_id="x", upload_every_s=3600
+    )
+    reporter.write_metrics(1, {"loss": 1.0})
+    assert not (tmp_path / "metrics.jsonl").exists()  # throttled until close
+    reporter.save_grid(1, "1step", np.zeros((4, 8, 8, 3), np.float32))
+    reporter.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
+    assert (tmp_path / "samples" / "1step_0000001.png").read_bytes()[:4] == b"\x89PNG"
+
+
+CHILD = """
+import sys, time
+import jax, jax.numpy as jnp
+from jcdm import preemption
+watcher = preemption.install()
+print("ready", flush=True)
+t0 = time.perf_counter()
+# A few seconds inside XLA (C++): Python runs the handler only once the compile returns.
+f = lambda x: jax.lax.fori_loop(0, 3, lambda i, a: jnp.tanh(a @ a.T + i), x)
+for n in range(4):
+    jax.jit(f).lower(jnp.ones((8 + n, 8 + n))).compile()
+print("compiled", round(time.perf_counter() - t0, 1), "stop", watcher.should_stop(), flush=True)
+"""
+
+
+def test_sigterm_during_compilation_is_kept(repo):
+    """A real process: SIGTERM while XLA compiles neither kills it nor gets lost."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert out.strip().endswith("stop True"), out
