@@ -378,3 +378,23 @@ def _persistent_run_id(workdir: str) -> str:
     buf[: len(run_id)] = np.frombuffer(run_id.encode(), np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     return bytes(buf[buf > 0]).decode()
+
+
+def measure_step_throughput(gin_files: list[str], bindings: list[str], steps: int = 5) -> float:
+    """Images per second of the compiled train step of a config, after compilation (for
+    bench/). The step reuses one batch, so input cost is excluded."""
+    from jcdm.main import parse_gin
+
+    gin.clear_config()
+    parse_gin(gin_files, bindings)
+    gbs = int(gin.query_parameter("train.global_batch_size"))
+    built = build(global_batch_size=gbs, seed=0, total_steps=max(steps, 1), ema_decay=0.999)
+    state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jnp.int32(0))
+    batch = built.put_batch(next(built.data_it)["image"])
+    state, metrics = built.update(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = built.update(state, batch)
+    jax.block_until_ready(metrics)
+    return steps * gbs / (time.perf_counter() - t0)
