@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from jcdm import exit_codes
+from tests.trainer import launch_local_argv
 
 pytestmark = pytest.mark.slow
 
@@ -69,19 +70,7 @@ class Launch:
         self.t0 = time.monotonic()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "jcdm.launch_local",
-                    f"--num_processes={num}",
-                    f"--devices_per_process={devices}",
-                    "--kill_after=30",
-                    "--",
-                    *TRAIN,
-                    *args,
-                    "--workdir",
-                    workdir,
-                ],
+                launch_local_argv(num, devices, [*TRAIN, *args], workdir),
                 cwd=repo,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -27,6 +26,7 @@ import pytest
 
 from jcdm import launch_local
 from jcdm import mesh as mesh_lib
+from tests.trainer import launch_local_argv
 
 pytestmark = pytest.mark.slow
 
@@ -82,18 +82,7 @@ class Launch:
         self.ended_at: float | None = None
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jcdm.launch_local",
-                f"--num_processes={num}",
-                f"--devices_per_process={devices}",
-                "--kill_after=30",
-                "--",
-                *args,
-                "--workdir",
-                workdir,
-            ],
+            launch_local_argv(num, devices, list(args), workdir),
             cwd=repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -28,3 +28,19 @@ def run_trainer(args: list[str], *, timeout: float = 600, env: dict | None = Non
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def launch_local_argv(num: int, devices: int, args: list[str], workdir: str) -> list[str]:
+    """`python -m jcdm.launch_local` for `num` processes x `devices` CPU devices."""
+    return [
+        sys.executable,
+        "-m",
+        "jcdm.launch_local",
+        f"--num_processes={num}",
+        f"--devices_per_process={devices}",
+        "--kill_after=30",
+        "--",
+        *args,
+        "--workdir",
+        workdir,
+    ]
