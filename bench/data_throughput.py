@@ -73,22 +73,14 @@ def pipeline_images_per_second(
         it.close()
 
 
-def train_step_images_per_second(config: str, train_batch: int, steps: int) -> float | None:
-    """Images/s one train step of `config` consumes on this machine, if the trainer offers it.
+def train_step_images_per_second(config: str, train_batch: int, steps: int) -> float:
+    """Images/s the compiled train step of `config` consumes on this machine (bench/step.py's
+    measurement: the trainer's own update on one fixed batch)."""
+    from jcdm import benchmark
 
-    Uses `jcdm.train.measure_step_throughput` (images/s of the compiled train step).
-    """
-    try:
-        import jcdm.train as train_lib
-    except ImportError as e:
-        print(f"  cannot import jcdm.train ({e})")
-        return None
-    measure = getattr(train_lib, "measure_step_throughput", None)
-    if measure is None:
-        print("  jcdm.train.measure_step_throughput is missing")
-        return None
     bindings = [f"train.global_batch_size={train_batch}"] if train_batch else []
-    return float(measure([config], bindings, steps))
+    benchmark.configure([config], bindings)
+    return benchmark.time_train_step(config, calls=steps, rounds=1).images_per_sec
 
 
 def main() -> None:

@@ -77,6 +77,8 @@ class Built:
     state_sh: step_lib.TrainState
     batch_sh: jax.sharding.NamedSharding
     update: Callable  # compiled: (state, images) -> (state, metrics); donates state
+    update_fn: Callable  # the same function before jit (bench/ lowers it to count FLOPs)
+    batch_struct: jax.ShapeDtypeStruct
     compile_s: float
     num_params: dict[str, int]
 
@@ -147,6 +149,7 @@ def build(
         ),
         steps_per_call,
     )
+    batch_struct = jax.ShapeDtypeStruct(batch_shape, jnp.float32)
     t0 = time.perf_counter()
     compiled = (
         None
@@ -158,7 +161,7 @@ def build(
                 out_shardings=(state_sh, mesh_lib.replicated(mesh)),
                 donate_argnums=0,
             )
-            .lower(abstract_state, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
+            .lower(abstract_state, batch_struct)
             .compile()
         )
     )
@@ -175,6 +178,8 @@ def build(
         state_sh=state_sh,
         batch_sh=batch_sh,
         update=compiled,
+        update_fn=update,
+        batch_struct=batch_struct,
         compile_s=compile_s,
         num_params=num_params,
         global_batch_size=global_batch_size,
@@ -378,23 +383,3 @@ def _persistent_run_id(workdir: str) -> str:
     buf[: len(run_id)] = np.frombuffer(run_id.encode(), np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     return bytes(buf[buf > 0]).decode()
-
-
-def measure_step_throughput(gin_files: list[str], bindings: list[str], steps: int = 5) -> float:
-    """Images per second of the compiled train step of a config, after compilation (for
-    bench/). The step reuses one batch, so input cost is excluded."""
-    from jcdm.main import parse_gin
-
-    gin.clear_config()
-    parse_gin(gin_files, bindings)
-    gbs = int(gin.query_parameter("train.global_batch_size"))
-    built = build(global_batch_size=gbs, seed=0, total_steps=max(steps, 1), ema_decay=0.999)
-    state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jnp.int32(0))
-    batch = built.put_batch(next(built.data_it)["image"])
-    state, metrics = built.update(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = built.update(state, batch)
-    jax.block_until_ready(metrics)
-    return steps * gbs / (time.perf_counter() - t0)

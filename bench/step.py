@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Train-step speed: compile time, step time, images/s, XLA FLOPs and utilisation, per head.
+
+    python bench/step.py                                   # test + CIFAR configs, 3 heads, f32
+    python bench/step.py --configs cifar --cifar_batch 128 --dtypes float32 bfloat16 \\
+        --steps_per_call 1 4 --out bench/results/step_gpu.json
+    python bench/step.py --configs test --multihost        # + 2x4 vs 1x8 processes (CPU)
+
+Rows: every (config, dtype, steps_per_call, head) with head in `none` (plain iCT), `vanilla`
+(head on detached features) and `joint`. Utilisation is the step's achieved FLOP/s (XLA's cost
+analysis of the compiled update / measured step time) divided by the FLOP/s of a large jitted
+matmul of the same dtype measured in this run. Ratios printed at the end are taken within this
+one run (joint/ict step time per config; 2x4/1x8 step time). The table is also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+
+from jcdm import benchmark  # noqa: E402
+
+HEADS = {"none": "ict", "vanilla": "vanilla", "joint": "joint"}
+# Both configs read generated images of the right shape (no dataset needed) in-process.
+CONFIGS = {
+    "test": (["gin/smoke.gin"], []),
+    "cifar": (
+        ["gin/joint.gin"],
+        ["DATA_DIR='synthetic:32x32x3:4096'", "make_train_iterator.worker_count=0"],
+    ),
+}
+QUIET = ["train.eval_every=0", "CheckpointConfig.save_every=100000", "WandbConfig.mode='disabled'"]
+
+
+def step_rows(args, on_row=lambda rows: None) -> list[dict]:
+    rows = []
+    for config in args.configs:
+        files, base = CONFIGS[config]
+        if config == "cifar":
+            base = [*base, f"train.global_batch_size={args.cifar_batch}"]
+        for dtype in args.dtypes:
+            for spc in args.steps_per_call:
+                for head in args.heads:
+                    name = f"{config}/{HEADS[head]}/{dtype}/spc{spc}"
+                    bindings = [
+                        *base,
+                        f"ICTConfig.head='{head}'",
+                        f"COMPUTE_DTYPE='{dtype}'",
+                        f"train.steps_per_call={spc}",
+                    ]
+                    benchmark.configure(files, bindings)
+                    t = benchmark.time_train_step(name, calls=args.calls, rounds=args.rounds)
+                    row = {"config": config, "head": HEADS[head], "dtype": dtype}
+                    row.update(vars(t))
+                    rows.append(row)
+                    on_row(rows)
+                    print(
+                        f"  {name:34s} compile {t.compile_s:7.1f}s  step {t.step_s * 1e3:9.1f}ms"
+                        f"  {t.images_per_sec:9.1f} img/s  {t.flops_per_step / 1e9:9.1f} GFLOP"
+                        f"  {t.flops_per_sec / 1e12:7.3f} TFLOP/s  loss {t.loss_first:.3f}",
+                        flush=True,
+                    )
+    return rows
+
+
+def multihost_rows(args) -> list[dict]:
+    """The trainer itself under jcdm.launch_local: 1 process x 8 devices vs 2 x 4, same global
+    batch; images/s is the trainer's own (metrics.jsonl), median of the rows after the first."""
+    files, base = CONFIGS[args.multihost_config]
+    out = []
+    for num, devices in ((1, 8), (2, 4)):
+        with tempfile.TemporaryDirectory(prefix="jcdm-bench-mh-") as workdir:
+            trainer = ["--gin", *files]
+            for b in [
+                *base,
+                *QUIET,
+                f"train.num_steps={args.multihost_steps}",
+                "train.log_every=1",
+                f"train.global_batch_size={args.multihost_batch}",
+            ]:
+                trainer += ["--gin_bindings", b]
+            cmd = [
+                sys.executable,
+                "-m",
+                "jcdm.launch_local",
+                f"--num_processes={num}",
+                f"--devices_per_process={devices}",
+                "--",
+                *trainer,
+                "--workdir",
+                workdir,
+            ]
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = r.stderr[-3000:]
+                raise SystemExit(f"{num}x{devices} run failed ({r.returncode}):\n{tail}")
+            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+            ips = [m["images_per_sec"] for m in metrics[args.multihost_skip :]]
+            compile_s = metrics[0].get("compile_s", float("nan"))
+        rate = statistics.median(ips)
+        out.append(
+            {
+                "layout": f"{num}x{devices}",
+                "config": args.multihost_config,
+                "global_batch_size": args.multihost_batch,
+                "images_per_sec": rate,
+                "step_s": args.multihost_batch / rate,
+                "compile_s": compile_s,
+                "rows": len(ips),
+            }
+        )
+        print(f"  {num}x{devices}: {rate:8.1f} img/s (median of {len(ips)} steps)", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["test", "cifar"], choices=sorted(CONFIGS))
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--steps_per_call", nargs="+", type=int, default=[1])
+    p.add_argument("--cifar_batch", type=int, default=None, help="default: 8 on CPU, 128 else")
+    p.add_argument("--calls", type=int, default=3, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median)")
+    p.add_argument("--matmul_n", type=int, default=None, help="default: 2048 on CPU, 8192 else")
+    p.add_argument("--multihost", action="store_true", help="also 1x8 vs 2x4 processes (CPU)")
+    p.add_argument("--multihost_config", default="test", choices=sorted(CONFIGS))
+    p.add_argument("--multihost_batch", type=int, default=32)
+    p.add_argument("--multihost_steps", type=int, default=12)
+    p.add_argument("--multihost_skip", type=int, default=2, help="rows dropped as warm-up")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/step_<backend>)")
+    args = p.parse_args()
+
+    backend = jax.default_backend()
+    cpu = backend == "cpu"
+    args.cifar_batch = args.cifar_batch or (8 if cpu else 128)
+    n = args.matmul_n or (2048 if cpu else 8192)
+    device = jax.devices()[0].device_kind
+    print(benchmark.machine_line())
+
+    matmul = {d: benchmark.matmul_flops_per_sec(n, d) for d in args.dtypes}
+    for d, f in matmul.items():
+        print(f"  matmul {n}x{n} {d}: {f / 1e12:.3f} TFLOP/s")
+    out = Path(args.out or REPO / "bench" / "results" / f"step_{backend}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": {
+            "backend": backend,
+            "device_kind": device,
+            "devices": jax.device_count(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "platform": platform.platform(),
+        },
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "matmul": {"n": n, "flops_per_sec": matmul},
+        "steps": [],
+    }
+
+    def save(rows: list[dict]) -> None:  # after every row: a timed-out run keeps what it has
+        for row in rows:
+            row["utilisation"] = row["flops_per_sec"] / matmul[row["dtype"]]
+            ict = [
+                r
+                for r in rows
+                if r["head"] == "ict"
+                and (r["config"], r["dtype"], r["steps_per_call"])
+                == (row["config"], row["dtype"], row["steps_per_call"])
+            ]
+            row["step_vs_ict"] = row["step_s"] / ict[0]["step_s"] if ict else float("nan")
+        result["steps"] = rows
+        out.write_text(json.dumps(result, indent=1))
+
+    rows = step_rows(args, save)
+    print("\nconfig/head/dtype/spc                 img/s   util  vs ict")
+    for row in rows:
+        print(
+            f"  {row['name']:34s} {row['images_per_sec']:9.1f}"
+            f"  {row['utilisation']:5.2f}  {row['step_vs_ict']:5.2f}x"
+        )
+    if args.multihost:
+        print("\nmulti-process (trainer under jcdm.launch_local, CPU devices):")
+        mh = multihost_rows(args)
+        result["multihost"] = mh
+        ratio = mh[1]["step_s"] / mh[0]["step_s"]
+        result["multihost_ratio_2x4_over_1x8"] = ratio
+        print(f"  step time 2x4 / 1x8 = {ratio:.3f} (target <= 1.15)")
+        out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
