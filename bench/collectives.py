@@ -4,7 +4,8 @@ same 8 CPU devices as 1 process x 8 and as 2 processes x 4 (gloo over loopback),
 number of all-reduce ops in the compiled train step of a config: together they explain the
 2x4 / 1x8 step-time ratio bench/step.py --multihost prints.
 
-    python bench/collectives.py [--config gin/smoke.gin] [--batch 32]
+    python bench/collectives.py [--config gin/smoke.gin] [--batch 32] [--pin]
+    python bench/collectives.py --layouts 1x2 2x1    # one device per process instead
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--pin", action="store_true", help="pin process i of 2x4 to CPU core i")
+    p.add_argument(
+        "--layouts", nargs=2, default=["1x8", "2x4"], help="PROCESSESxDEVICES, single first"
+    )
     p.add_argument("--config", default="gin/smoke.gin")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "collectives_cpu.json"))
@@ -118,18 +122,20 @@ def main() -> None:
         worker(args.calls, args.config, args.batch)
         return
     result = {"command": " ".join(sys.argv), "latency_s": {}}
-    for num, devices in ((1, 8), (2, 4)):
+    layouts = [tuple(int(v) for v in layout.split("x")) for layout in args.layouts]
+    for num, devices in layouts:
         lat = probe(num, devices, args.calls, args.config, args.batch, args.pin)
         result["latency_s"][f"{num}x{devices}"] = lat
         shown = ", ".join(f"{s} floats/device: {lat[str(s)] * 1e3:.2f} ms" for s in SIZES)
-        print(f"{num}x{devices}: one all-reduce over 8 devices: {shown}", flush=True)
+        print(f"{num}x{devices}: one all-reduce over all devices: {shown}", flush=True)
         print(f"{num}x{devices}: compiled train step alone: {lat['step_s'] * 1e3:.0f} ms")
     n = count_all_reduces(args.config, args.batch)
     result["all_reduces_per_step"] = n
     lat = result["latency_s"]
-    extra = lat["2x4"][str(SIZES[0])] - lat["1x8"][str(SIZES[0])]
-    result["step_ratio_2x4_over_1x8"] = lat["2x4"]["step_s"] / lat["1x8"]["step_s"]
-    print(f"compiled step 2x4 / 1x8 = {result['step_ratio_2x4_over_1x8']:.2f}")
+    one, many = args.layouts
+    extra = lat[many][str(SIZES[0])] - lat[one][str(SIZES[0])]
+    result["step_ratio"] = {f"{many}/{one}": lat[many]["step_s"] / lat[one]["step_s"]}
+    print(f"compiled step {many} / {one} = {lat[many]['step_s'] / lat[one]['step_s']:.2f}")
     result["estimated_extra_s_per_step"] = n * extra
     print(f"{args.config}: {n} all-reduce ops per step -> ~{n * extra * 1e3:.0f} ms more per step")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
