@@ -5,6 +5,9 @@
     python bench/step.py --configs cifar --cifar_batch 128 --dtypes float32 bfloat16 \\
         --steps_per_call 1 4 --out bench/results/step_gpu.json
     python bench/step.py --configs test --multihost        # + 2x4 vs 1x8 processes (CPU)
+    python bench/step.py --configs cifar --heads none --profile 2   # + time per HLO op category
+    python bench/step.py --configs test --variant conv "FIR_IMPL='conv'" \
+        --variant separable "FIR_IMPL='separable'"         # variants compared in one run
 
 Rows: every (config, dtype, steps_per_call, head) with head in `none` (plain iCT), `vanilla`
 (head on detached features) and `joint`. Utilisation is the step's achieved FLOP/s (XLA's cost
@@ -16,6 +19,7 @@ one run (joint/ict step time per config; 2x4/1x8 step time). The table is also w
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -30,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from jcdm import benchmark  # noqa: E402
+from jcdm import benchmark, profiling  # noqa: E402
 
 HEADS = {"none": "ict", "vanilla": "vanilla", "joint": "joint"}
 # Both configs read generated images of the right shape (no dataset needed) in-process.
@@ -45,33 +49,52 @@ QUIET = ["train.eval_every=0", "CheckpointConfig.save_every=100000", "WandbConfi
 
 
 def step_rows(args, on_row=lambda rows: None) -> list[dict]:
+    """One row per (config, dtype, steps_per_call, head, variant); variants are adjacent so their
+    ratio is taken minutes apart, and each row has its own matmul reference taken just before."""
     rows = []
     for config in args.configs:
         files, base = CONFIGS[config]
         if config == "cifar":
             base = [*base, f"train.global_batch_size={args.cifar_batch}"]
-        for dtype in args.dtypes:
-            for spc in args.steps_per_call:
-                for head in args.heads:
-                    name = f"{config}/{HEADS[head]}/{dtype}/spc{spc}"
-                    bindings = [
-                        *base,
-                        f"ICTConfig.head='{head}'",
-                        f"COMPUTE_DTYPE='{dtype}'",
-                        f"train.steps_per_call={spc}",
-                    ]
-                    benchmark.configure(files, bindings)
-                    t = benchmark.time_train_step(name, calls=args.calls, rounds=args.rounds)
-                    row = {"config": config, "head": HEADS[head], "dtype": dtype}
-                    row.update(vars(t))
-                    rows.append(row)
-                    on_row(rows)
-                    print(
-                        f"  {name:34s} compile {t.compile_s:7.1f}s  step {t.step_s * 1e3:9.1f}ms"
-                        f"  {t.images_per_sec:9.1f} img/s  {t.flops_per_step / 1e9:9.1f} GFLOP"
-                        f"  {t.flops_per_sec / 1e12:7.3f} TFLOP/s  loss {t.loss_first:.3f}",
-                        flush=True,
-                    )
+        for dtype, spc, head, (label, *extra) in itertools.product(
+            args.dtypes, args.steps_per_call, args.heads, args.variant
+        ):
+            name = f"{config}/{HEADS[head]}/{dtype}/spc{spc}" + (f"/{label}" if label else "")
+            bindings = [
+                *base,
+                *args.bind,
+                *extra,
+                f"ICTConfig.head='{head}'",
+                f"COMPUTE_DTYPE='{dtype}'",
+                f"train.steps_per_call={spc}",
+            ]
+            matmul = benchmark.matmul_flops_per_sec(args.matmul_n, dtype)
+            benchmark.configure(files, bindings)
+            t = benchmark.time_train_step(
+                name,
+                calls=args.calls,
+                rounds=args.rounds,
+                profile_dir=f"{args.profile_dir}/{name.replace('/', '_')}"
+                if args.profile
+                else None,
+                profile_calls=args.profile,
+            )
+            row = {"config": config, "head": HEADS[head], "dtype": dtype, "variant": label}
+            row["bindings"] = [*args.bind, *extra]
+            row.update(vars(t))
+            row["matmul_flops_per_sec"] = matmul
+            row["utilisation"] = t.flops_per_sec / matmul
+            rows.append(row)
+            on_row(rows)
+            print(
+                f"  {name:40s} compile {t.compile_s:6.1f}s  step {t.step_s * 1e3:9.1f}ms"
+                f"  {t.images_per_sec:8.1f} img/s  {t.flops_per_step / 1e9:8.1f} GFLOP"
+                f"  {t.flops_per_sec / 1e12:7.3f} TFLOP/s  util {row['utilisation']:.2f}"
+                f" (matmul {matmul / 1e12:.3f})  loss {t.loss_first:.3f}",
+                flush=True,
+            )
+            if t.profile:
+                print(profiling.format_summary(t.profile), flush=True)
     return rows
 
 
@@ -133,6 +156,14 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     p.add_argument("--steps_per_call", nargs="+", type=int, default=[1])
     p.add_argument("--cifar_batch", type=int, default=None, help="default: 8 on CPU, 128 else")
+    p.add_argument("--bind", nargs="*", default=[], help="extra gin bindings for every row")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        metavar=("LABEL", "BINDING"),
+        help="LABEL then gin bindings; repeat to compare variants in one run (rows adjacent)",
+    )
     p.add_argument("--calls", type=int, default=3, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--matmul_n", type=int, default=None, help="default: 2048 on CPU, 8192 else")
@@ -142,18 +173,17 @@ def main() -> None:
     p.add_argument("--multihost_steps", type=int, default=12)
     p.add_argument("--multihost_skip", type=int, default=2, help="rows dropped as warm-up")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/step_<backend>)")
+    p.add_argument("--profile", type=int, default=0, help="trace N calls per row (jax.profiler)")
+    p.add_argument("--profile_dir", default="/tmp/jcdm-profile", help="where traces are written")
     args = p.parse_args()
 
     backend = jax.default_backend()
     cpu = backend == "cpu"
     args.cifar_batch = args.cifar_batch or (8 if cpu else 128)
-    n = args.matmul_n or (2048 if cpu else 8192)
+    args.matmul_n = n = args.matmul_n or (2048 if cpu else 8192)
+    args.variant = args.variant or [[""]]
     device = jax.devices()[0].device_kind
     print(benchmark.machine_line())
-
-    matmul = {d: benchmark.matmul_flops_per_sec(n, d) for d in args.dtypes}
-    for d, f in matmul.items():
-        print(f"  matmul {n}x{n} {d}: {f / 1e12:.3f} TFLOP/s")
     out = Path(args.out or REPO / "bench" / "results" / f"step_{backend}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -166,30 +196,30 @@ def main() -> None:
             "platform": platform.platform(),
         },
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "matmul": {"n": n, "flops_per_sec": matmul},
+        "matmul_n": n,
         "steps": [],
     }
 
     def save(rows: list[dict]) -> None:  # after every row: a timed-out run keeps what it has
+        def key(r, *fields):
+            return tuple(r[f] for f in ("config", "dtype", "steps_per_call", *fields))
+
         for row in rows:
-            row["utilisation"] = row["flops_per_sec"] / matmul[row["dtype"]]
             ict = [
-                r
-                for r in rows
-                if r["head"] == "ict"
-                and (r["config"], r["dtype"], r["steps_per_call"])
-                == (row["config"], row["dtype"], row["steps_per_call"])
+                r for r in rows if r["head"] == "ict" and key(r, "variant") == key(row, "variant")
             ]
+            first = [r for r in rows if key(r, "head") == key(row, "head")]
             row["step_vs_ict"] = row["step_s"] / ict[0]["step_s"] if ict else float("nan")
+            row["step_vs_first_variant"] = row["step_s"] / first[0]["step_s"]
         result["steps"] = rows
         out.write_text(json.dumps(result, indent=1))
 
     rows = step_rows(args, save)
-    print("\nconfig/head/dtype/spc                 img/s   util  vs ict")
+    print(f"\n  {'config/head/dtype/spc/variant':40s}     img/s   util  vs ict  vs variant 1")
     for row in rows:
         print(
-            f"  {row['name']:34s} {row['images_per_sec']:9.1f}"
-            f"  {row['utilisation']:5.2f}  {row['step_vs_ict']:5.2f}x"
+            f"  {row['name']:40s} {row['images_per_sec']:9.1f}  {row['utilisation']:5.2f}"
+            f"  {row['step_vs_ict']:5.2f}x  {row['step_vs_first_variant']:5.2f}x"
         )
     if args.multihost:
         print("\nmulti-process (trainer under jcdm.launch_local, CPU devices):")

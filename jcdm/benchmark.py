@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import gin
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,10 +32,11 @@ class StepTiming:
     compile_s: float
     step_s: float  # seconds per optimizer step (a call's time / steps_per_call)
     images_per_sec: float
-    flops_per_step: float  # XLA cost analysis of the lowered update (all devices together)
+    flops_per_step: float  # model_flops of the update / steps_per_call (all devices together)
     flops_per_sec: float
     loss_first: float
     loss_last: float
+    profile: dict | None = None  # jcdm.profiling.summarize of a trace, when asked for
 
 
 def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -45,18 +47,54 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     parse_gin(list(gin_files), list(bindings))
 
 
+def _eqn_flops(eqn) -> float:
+    """2 x multiply-adds of one dot_general or conv_general_dilated equation, else 0."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (lc, rc), (_, rb) = eqn.params["dimension_numbers"]
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        free_rhs = [d for i, d in enumerate(rhs) if i not in (*rc, *rb)]
+        return 2.0 * np.prod(lhs, dtype=float) * np.prod(free_rhs, dtype=float)
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        per_output = np.prod(rhs, dtype=float) / out_features  # kernel window x input features
+        return 2.0 * np.prod(eqn.outvars[0].aval.shape, dtype=float) * per_output
+    return 0.0
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        total += _eqn_flops(eqn)
+        subs = []
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    subs.append(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    subs.append(v)
+        if not subs:
+            continue
+        counts = [_jaxpr_flops(j) for j in subs]
+        if eqn.primitive.name == "cond":  # one branch runs
+            total += max(counts)
+        elif eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(counts)
+        else:  # calls, custom derivatives, remat, while (trip count unknown: the body once)
+            total += sum(counts)
+    return total
+
+
 def model_flops(fn: Callable, *args) -> float:
-    """FLOPs of one call of `fn(*args)`: XLA's cost analysis of the program lowered for the CPU
-    (unoptimised; a multiply-add counts 2), whatever the default backend. Lowering only, no
-    compile. Why CPU: a compiled GPU program hides its cuDNN convolutions in custom calls the
-    analysis does not count (CIFAR ict step on an H200: 0.26 TFLOP counted of 20.7), and JAX 0.11
-    returns no count for a GPU lowering. A while-loop (scan) body counts once, so a k-step
-    scanned update reports one step."""
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",))
-    cost = lowered.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    """Model FLOPs of one call of `fn(*args)`: 2 x the multiply-adds of every matmul
+    (dot_general) and convolution in its jaxpr, backward passes included (they are traced),
+    a scan's body times its length. Elementwise work is not counted: this is the numerator of
+    the usual model-FLOP utilisation. Counted from shapes alone, so the same on every backend
+    and JAX version (XLA's own cost analysis hides cuDNN convolutions in custom calls on a GPU,
+    and JAX 0.11 returns none for a lowering).
+    """
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _timed_rounds(call: Callable[[], object], *, calls: int, rounds: int) -> float:
@@ -72,11 +110,20 @@ def _timed_rounds(call: Callable[[], object], *, calls: int, rounds: int) -> flo
     return statistics.median(per_call)
 
 
-def time_train_step(name: str, *, calls: int = 3, rounds: int = 3) -> StepTiming:
+def time_train_step(
+    name: str,
+    *,
+    calls: int = 3,
+    rounds: int = 3,
+    profile_dir: str | None = None,
+    profile_calls: int = 2,
+) -> StepTiming:
     """Build the configured run's update (gin must be parsed) and time it on one fixed batch.
 
     The state is donated and threaded through every call as in training, so the optimizer and
     EMA work are included; the input pipeline is not (bench/data_throughput.py measures it).
+    With `profile_dir`, `profile_calls` more calls are traced there after the timing and
+    summarised per HLO op (`jcdm.profiling`); the trace's path is in the summary.
     """
     from jcdm import train as train_lib
 
@@ -85,7 +132,9 @@ def time_train_step(name: str, *, calls: int = 3, rounds: int = 3) -> StepTiming
     built = train_lib.build(
         global_batch_size=gbs, seed=0, total_steps=1000, ema_decay=0.999, steps_per_call=spc
     )
-    flops_per_step = model_flops(built.update_fn, built.abstract_state, built.batch_struct)
+    # the update of a k-step call scans k steps: its count is k steps
+    flops = model_flops(built.update_fn, built.abstract_state, built.batch_struct)
+    flops_per_step = flops / spc
     state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jnp.int32(0))
     local = np.stack([next(built.data_it)["image"] for _ in range(spc)])
     batch = built.put_batch(local if spc > 1 else local[0])
@@ -102,6 +151,16 @@ def time_train_step(name: str, *, calls: int = 3, rounds: int = 3) -> StepTiming
     per_call = _timed_rounds(call, calls=calls, rounds=rounds)
     losses.append(float(jax.device_get(call())["loss"]))
     step_s = per_call / spc
+    profile = None
+    if profile_dir:
+        from jcdm import profiling
+
+        try:
+            path = profiling.trace_calls(call, calls=profile_calls, logdir=profile_dir)
+            profile = profiling.summarize(path, built.update.as_text(), calls=profile_calls)
+            profile["trace"] = str(path)
+        except Exception as e:  # the timing stands without it; the row says why it has none
+            profile = {"error": f"{type(e).__name__}: {e}"}
     return StepTiming(
         name=name,
         global_batch_size=gbs,
@@ -114,6 +173,7 @@ def time_train_step(name: str, *, calls: int = 3, rounds: int = 3) -> StepTiming
         flops_per_sec=flops_per_step / step_s,
         loss_first=losses[0],
         loss_last=losses[-1],
+        profile=profile,
     )
 
 
