@@ -245,15 +245,16 @@ def test_fir_hand_computed_values():
     np.testing.assert_allclose(up, np.outer(edge, edge), rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", fir.IMPLS)
 @pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 3, 4), (1, 1)])
-def test_fir_matches_numpy_upfirdn(kernel):
+def test_fir_matches_numpy_upfirdn(kernel, impl):
     x = np.random.default_rng(0).normal(size=(2, 6, 8, 3))
     k2 = np.outer(kernel, kernel) / np.sum(kernel) ** 2
     p = len(kernel) - 2
     ref_down = _np_upfirdn(x, k2, 1, 2, (p + 1) // 2, p // 2)
     ref_up = _np_upfirdn(x, 4 * k2, 2, 1, (p + 1) // 2 + 1, p // 2)
-    got_down = np.asarray(fir.downsample_2d(jnp.asarray(x, jnp.float32), kernel))
-    got_up = np.asarray(fir.upsample_2d(jnp.asarray(x, jnp.float32), kernel))
+    got_down = np.asarray(fir.downsample_2d(jnp.asarray(x, jnp.float32), kernel, impl=impl))
+    got_up = np.asarray(fir.upsample_2d(jnp.asarray(x, jnp.float32), kernel, impl=impl))
     assert got_down.shape == (2, 3, 4, 3) and got_up.shape == (2, 12, 16, 3)
     np.testing.assert_allclose(got_down, ref_down, atol=1e-5)
     np.testing.assert_allclose(got_up, ref_up, atol=1e-5)
@@ -284,3 +285,46 @@ def test_fused_resampling_convs_match_unfused_interior():
     up_ref = np.asarray(conv_same(fir.upsample_2d(x)))
     assert up.shape == (1, 24, 24, 5)
     np.testing.assert_allclose(up[:, 2:-2, 2:-2], up_ref[:, 2:-2, 2:-2], atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 3, 4), (1, 4, 6, 4, 1)])
+def test_fir_impls_agree_on_values_gradients_and_dtype(kernel):
+    """'separable' (shifted slices) computes what 'conv' (depthwise convolutions) does, for every
+    resampling function, forward and backward; bf16 in gives bf16 out, summed in float32."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 8, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    fns = {
+        "down": lambda v, impl: fir.downsample_2d(v, kernel, impl=impl),
+        "up": lambda v, impl: fir.upsample_2d(v, kernel, impl=impl),
+        "conv_down": lambda v, impl: fir.conv_downsample_2d(v, w, kernel, impl=impl),
+        "up_conv": lambda v, impl: fir.upsample_conv_2d(v, w, kernel, impl=impl),
+    }
+    for name, f in fns.items():
+        a, b = f(x, "conv"), f(x, "separable")
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=name)
+        ga, gb = (jax.grad(lambda v, f=f, i=i: jnp.sum(f(v, i) ** 2))(x) for i in fir.IMPLS)
+        np.testing.assert_allclose(gb, ga, atol=1e-4, err_msg=name)
+    y = fir.downsample_2d(x.astype(jnp.bfloat16), kernel, impl="separable")
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), fns["down"](x, "conv"), atol=0.02)
+
+
+def test_fir_impl_rejects_unknown_name():
+    with pytest.raises(ValueError, match="FIR impl must be one of"):
+        fir.downsample_2d(jnp.ones((1, 4, 4, 1)), impl="fft")
+
+
+def test_fir_impls_give_the_same_network():
+    """The model-level switch (gin: FIR_IMPL) changes kernels, not the function: same weights,
+    same outputs, for the backbone's BigGAN resampling blocks and its FIRConv input pyramid."""
+    x, t, _ = _inputs()
+    nets = {impl: NCSNpp(**SMALL, out_channels=C, fir_impl=impl) for impl in fir.IMPLS}
+    shapes = jax.eval_shape(lambda k: nets["conv"].init(k, x, t, train=False), jax.random.key(0))
+    params = _rand_params(shapes, 4)
+    outs = {
+        i: jax.jit(lambda p, n=n: n.apply(p, x, t, train=False)[0])(params) for i, n in nets.items()
+    }
+    assert np.abs(outs["conv"]).max() > 1e-3
+    np.testing.assert_allclose(outs["separable"], outs["conv"], atol=1e-4)

@@ -2,15 +2,20 @@
 
 These are NHWC re-implementations of the StyleGAN2 ``upfirdn2d`` family as used by NCSN++
 (Song et al. 2021, "Score-Based Generative Modeling through SDEs", appendix H; Karras et al. 2020,
-"Analyzing and Improving the Image Quality of StyleGAN"). Each operation is a single
-``lax.conv_general_dilated`` call (plus a reshape for upsampling):
+"Analyzing and Improving the Image Quality of StyleGAN"). Two implementations compute the same
+values, chosen by ``impl``:
 
-* the FIR filter is a depthwise convolution (``feature_group_count = C``) directly on NHWC, with
-  no NCHW / batch-of-planes round trip;
+* ``'conv'``: each FIR filter is one depthwise convolution (``feature_group_count = C``)
+  directly on NHWC, with no NCHW / batch-of-planes round trip;
+* ``'separable'``: the kernel is an outer product, so each axis is filtered in turn as a weighted
+  sum of (strided) shifted slices: plain elementwise work that XLA fuses with its neighbours
+  instead of a grouped-convolution kernel (WORKSPACE_NOTES.md "Performance" has the timings).
+
+Both avoid wasted work:
 * "insert zeros then filter" (upsampling) is computed polyphase at the input resolution, so the
   inserted zeros are never materialised or multiplied;
-* "filter then drop every other pixel" (downsampling) is a stride-2 convolution, so the dropped
-  pixels are never computed.
+* "filter then drop every other pixel" (downsampling) is strided, so the dropped pixels are never
+  computed.
 
 Padding follows upfirdn2d exactly, so a constant image stays constant away from the border and the
 sampling grid is centred (a pixel's footprint is symmetric about its centre).
@@ -25,6 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
+IMPLS = ("conv", "separable")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(
+            f"FIR impl must be one of {IMPLS}, got {impl!r}: set FIR_IMPL (gin/joint.gin) or "
+            "NCSNpp.fir_impl / ScoreHead.fir_impl to one of them"
+        )
 
 
 def fir_kernel_2d(k: Sequence[float], gain: float = 1.0) -> np.ndarray:
@@ -36,15 +50,41 @@ def fir_kernel_2d(k: Sequence[float], gain: float = 1.0) -> np.ndarray:
     return (k2 / k2.sum() * gain).astype(np.float32)
 
 
-def _depthwise_fir(
+def _fir_axis(x: jax.Array, taps: np.ndarray, axis: int, stride: int, pad: tuple[int, int]):
+    """Correlate one spatial axis with 1D ``taps`` (already flipped), zero padding, stride."""
+    pads = [(0, 0, 0)] * x.ndim
+    pads[axis] = (*pad, 0)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)  # lax.pad: negative (cropping) pads too
+    n_out = (xp.shape[axis] - len(taps)) // stride + 1
+    out = None
+    for t, v in enumerate(taps):
+        if v == 0:
+            continue
+        part = jax.lax.slice_in_dim(xp, t, t + stride * (n_out - 1) + 1, stride, axis) * v
+        out = part if out is None else out + part
+    return out
+
+
+def _fir(
     x: jax.Array,
-    k2: np.ndarray,
+    k: Sequence[float],
     *,
+    gain: float = 1.0,
     stride: int = 1,
     pad: tuple[int, int] = (0, 0),
-    lhs_dilation: int = 1,
+    impl: str = "separable",
 ) -> jax.Array:
-    """Filter every channel of ``x`` with the same 2D kernel (true convolution, not correlation)."""
+    """Filter every channel of ``x`` with outer(k, k) / sum * gain (true convolution, not
+    correlation), zero padding ``pad`` on both spatial axes, then keep every ``stride``-th pixel."""
+    _check_impl(impl)
+    k2 = fir_kernel_2d(k, gain)
+    if impl == "separable":
+        k1 = np.asarray(k, np.float64)
+        taps = (k1 / k1.sum() * np.sqrt(gain))[::-1]  # outer(taps, taps) == flipped k2
+        y = x.astype(jnp.float32)  # bf16 inputs: sum the taps in float32, as a conv would
+        for axis in (1, 2):
+            y = _fir_axis(y, taps, axis, stride, pad)
+        return y.astype(x.dtype)
     c = x.shape[-1]
     # conv_general_dilated computes a correlation; flipping turns it into the convolution that
     # upfirdn2d defines (a no-op for the symmetric kernels NCSN++ uses).
@@ -55,20 +95,20 @@ def _depthwise_fir(
         w,
         window_strides=(stride, stride),
         padding=(pad, pad),
-        lhs_dilation=(lhs_dilation, lhs_dilation),
         dimension_numbers=_DN,
         feature_group_count=c,
     )
 
 
-def downsample_2d(x: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2) -> jax.Array:
+def downsample_2d(
+    x: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2, *, impl: str = "separable"
+) -> jax.Array:
     """FIR-filter then keep every ``factor``-th pixel: [B, H, W, C] -> [B, H/f, W/f, C].
 
     upfirdn2d(x, k, down=f, pad0=(p+1)//2, pad1=p//2) with p = len(k) - f.
     """
-    k2 = fir_kernel_2d(k)
-    p = k2.shape[0] - factor
-    return _depthwise_fir(x, k2, stride=factor, pad=((p + 1) // 2, p // 2))
+    p = len(k) - factor
+    return _fir(x, k, stride=factor, pad=((p + 1) // 2, p // 2), impl=impl)
 
 
 def _upsample_phases(k: Sequence[float], factor: int) -> tuple[np.ndarray, int, int]:
@@ -97,15 +137,27 @@ def _upsample_phases(k: Sequence[float], factor: int) -> tuple[np.ndarray, int, 
     return phases, dmin, dmax
 
 
-def upsample_2d(x: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2) -> jax.Array:
+def upsample_2d(
+    x: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2, *, impl: str = "separable"
+) -> jax.Array:
     """Zero-insert then FIR-filter: [B, H, W, C] -> [B, H*f, W*f, C].
 
     Equals upfirdn2d(x, k * f^2, up=f, pad0=(p+1)//2 + f - 1, pad1=p//2), p = len(k) - f, but
     computed polyphase: one depthwise conv at input resolution emits all f^2 output phases as a
-    channel multiplier, then a depth-to-space reshape interleaves them. This never multiplies the
+    channel multiplier, then a depth-to-space reshape interleaves them ('separable': each axis's f
+    phases are sums of shifted slices, interleaved by a reshape). This never multiplies the
     inserted zeros, and is ~20x faster on XLA:CPU than the equivalent ``lhs_dilation`` conv.
     """
+    _check_impl(impl)
     phases, dmin, dmax = _upsample_phases(k, factor)
+    if impl == "separable":
+        y = x.astype(jnp.float32)
+        for axis in (1, 2):
+            parts = [_fir_axis(y, ph, axis, 1, (-dmin, dmax)) for ph in phases]
+            shape = list(y.shape)
+            shape[axis] *= factor
+            y = jnp.stack(parts, axis=axis + 1).reshape(shape)
+        return y.astype(x.dtype)
     width = phases.shape[1]
     ph2 = np.einsum("ai,bj->abij", phases, phases).reshape(factor * factor, width, width)
     b, h, w, c = x.shape
@@ -124,7 +176,12 @@ def upsample_2d(x: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2
 
 
 def conv_downsample_2d(
-    x: jax.Array, w: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2
+    x: jax.Array,
+    w: jax.Array,
+    k: Sequence[float] = (1, 3, 3, 1),
+    factor: int = 2,
+    *,
+    impl: str = "separable",
 ) -> jax.Array:
     """Fused "conv then FIR-downsample" (StyleGAN2 ``conv_downsample_2d``), HWIO weight ``w``.
 
@@ -132,16 +189,20 @@ def conv_downsample_2d(
     resolution and discarding three quarters of the outputs.
     """
     kw = w.shape[0]
-    k2 = fir_kernel_2d(k)
-    p = (k2.shape[0] - factor) + (kw - 1)
-    x = _depthwise_fir(x, k2, pad=((p + 1) // 2, p // 2))
+    p = (len(k) - factor) + (kw - 1)
+    x = _fir(x, k, pad=((p + 1) // 2, p // 2), impl=impl)
     return jax.lax.conv_general_dilated(
         x, w.astype(x.dtype), (factor, factor), "VALID", dimension_numbers=_DN
     )
 
 
 def upsample_conv_2d(
-    x: jax.Array, w: jax.Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2
+    x: jax.Array,
+    w: jax.Array,
+    k: Sequence[float] = (1, 3, 3, 1),
+    factor: int = 2,
+    *,
+    impl: str = "separable",
 ) -> jax.Array:
     """Fused "FIR-upsample then conv" (StyleGAN2 ``upsample_conv_2d``), HWIO weight ``w``.
 
@@ -158,6 +219,5 @@ def upsample_conv_2d(
         lhs_dilation=(factor, factor),
         dimension_numbers=_DN,
     )
-    k2 = fir_kernel_2d(k, gain=factor**2)
-    p = (k2.shape[0] - factor) - (kw - 1)
-    return _depthwise_fir(x, k2, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
+    p = (len(k) - factor) - (kw - 1)
+    return _fir(x, k, gain=factor**2, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), impl=impl)

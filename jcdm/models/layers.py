@@ -181,6 +181,7 @@ class ResBlockBigGAN(nn.Module):
     down: bool = False
     dropout: float = 0.0
     fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    fir_impl: str = "separable"  # jcdm.models.fir.IMPLS: same values, different kernels
     skip_rescale: bool = True
     init_scale: float = 0.0
     dtype: Dtype = jnp.float32
@@ -190,12 +191,13 @@ class ResBlockBigGAN(nn.Module):
         c = x.shape[-1]
         out_ch = self.out_ch or c
         h = nn.silu(group_norm(x))
+        k, impl = self.fir_kernel, self.fir_impl
         if self.up:
-            h = fir.upsample_2d(h, self.fir_kernel)
-            x = fir.upsample_2d(x, self.fir_kernel)
+            h = fir.upsample_2d(h, k, impl=impl)
+            x = fir.upsample_2d(x, k, impl=impl)
         elif self.down:
-            h = fir.downsample_2d(h, self.fir_kernel)
-            x = fir.downsample_2d(x, self.fir_kernel)
+            h = fir.downsample_2d(h, k, impl=impl)
+            x = fir.downsample_2d(x, k, impl=impl)
         h = conv(h, out_ch, dtype=self.dtype)
         if temb is not None:
             h = h + dense(nn.silu(temb), out_ch, dtype=self.dtype)[:, None, None, :]
@@ -246,6 +248,7 @@ class FIRConv(nn.Module):
     mode: str  # 'up' | 'down'
     kernel_size: int = 3
     fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    fir_impl: str = "separable"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -255,9 +258,9 @@ class FIRConv(nn.Module):
         b = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x = x.astype(self.dtype)
         if self.mode == "down":
-            y = fir.conv_downsample_2d(x, w, self.fir_kernel)
+            y = fir.conv_downsample_2d(x, w, self.fir_kernel, impl=self.fir_impl)
         elif self.mode == "up":
-            y = fir.upsample_conv_2d(x, w, self.fir_kernel)
+            y = fir.upsample_conv_2d(x, w, self.fir_kernel, impl=self.fir_impl)
         else:
             raise ValueError(f"FIRConv mode must be 'up' or 'down', got {self.mode!r}")
         return y + b.astype(self.dtype)

@@ -55,6 +55,7 @@ class NCSNpp(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.3
     fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    fir_impl: str = "separable"  # 'conv' | 'separable' (jcdm.models.fir): same values
     resblock_type: str = "biggan"
     skip_rescale: bool = True
     progressive: str = "none"
@@ -114,6 +115,7 @@ class NCSNpp(nn.Module):
                 blk = ResBlockBigGAN(
                     dropout=self.dropout,
                     fir_kernel=tuple(self.fir_kernel),
+                    fir_impl=self.fir_impl,
                     skip_rescale=self.skip_rescale,
                     init_scale=self.init_scale,
                     dtype=dt,
@@ -133,10 +135,12 @@ class NCSNpp(nn.Module):
             blk = AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dt)
             return blk(h)
 
+        k, impl = tuple(self.fir_kernel), self.fir_impl
+
         def resample(h, mode):
             if self.resblock_type == "biggan":
                 return block(h, **{mode: True})
-            return FIRConv(h.shape[-1], mode, fir_kernel=tuple(self.fir_kernel), dtype=dt)(h)
+            return FIRConv(h.shape[-1], mode, fir_kernel=k, fir_impl=impl, dtype=dt)(h)
 
         def merge(a, b):
             return (a + b) * _INV_SQRT2 if self.skip_rescale else a + b
@@ -154,7 +158,7 @@ class NCSNpp(nn.Module):
             if i_level != levels - 1:
                 h = resample(hs[-1], "down")
                 if self.progressive_input == "input_skip":
-                    pyramid_in = fir.downsample_2d(pyramid_in, self.fir_kernel)
+                    pyramid_in = fir.downsample_2d(pyramid_in, k, impl=impl)
                     skip = conv(pyramid_in, h.shape[-1], kernel=1, dtype=dt)
                     if self.progressive_combine == "sum":
                         h = h + skip
@@ -162,7 +166,7 @@ class NCSNpp(nn.Module):
                         h = jnp.concatenate([skip, h], axis=-1)
                 elif self.progressive_input == "residual":
                     pyramid_in = FIRConv(
-                        h.shape[-1], "down", fir_kernel=tuple(self.fir_kernel), dtype=dt
+                        h.shape[-1], "down", fir_kernel=k, fir_impl=impl, dtype=dt
                     )(pyramid_in)
                     h = pyramid_in = merge(pyramid_in, h)
                 hs.append(h)
@@ -204,11 +208,13 @@ class NCSNpp(nn.Module):
         g = nn.silu(group_norm(h))
         if self.progressive == "output_skip":
             img = conv(g, self.out_channels, init_scale=self.init_scale, dtype=dt)
-            pyramid = img if first else fir.upsample_2d(pyramid, k) + img
+            pyramid = img if first else fir.upsample_2d(pyramid, k, impl=self.fir_impl) + img
             return pyramid, h
         # 'residual'
         if first:
             return conv(g, h.shape[-1], dtype=dt), h
-        pyramid = FIRConv(h.shape[-1], "up", fir_kernel=k, dtype=dt)(pyramid)
+        pyramid = FIRConv(h.shape[-1], "up", fir_kernel=k, fir_impl=self.fir_impl, dtype=dt)(
+            pyramid
+        )
         pyramid = (pyramid + h) * _INV_SQRT2 if self.skip_rescale else pyramid + h
         return pyramid, pyramid

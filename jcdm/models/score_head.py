@@ -62,6 +62,7 @@ class ScoreHead(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.0
     resample_kernel: Sequence[float] = (1, 1)
+    fir_impl: str = "separable"  # 'conv' | 'separable' (jcdm.models.fir): same values
     embedding_type: str = "positional"
     fourier_scale: float = 16.0
     fuse_channels: int | None = None
@@ -118,6 +119,7 @@ class ScoreHead(nn.Module):
             return ResBlockBigGAN(
                 dropout=self.dropout,
                 fir_kernel=tuple(self.resample_kernel),
+                fir_impl=self.fir_impl,
                 skip_rescale=self.skip_rescale,
                 init_scale=self.init_scale,
                 dtype=dt,
