@@ -17,20 +17,19 @@ run() {  # run LIMIT_S CMD...: at most LIMIT_S and never past the budget
   timeout "$lim" "${@:2}" 2>&1 | grep -v "^W1\|^I1\|absl"
 }
 S=(python3 bench/step.py --configs cifar --cifar_batch 128 --calls 5 --rounds 3)
-run 220 "${S[@]}" --heads none --dtypes float32 --variant conv "FIR_IMPL='conv'" \
-  --variant separable "FIR_IMPL='separable'" --profile 2 --profile_dir /tmp/prof --out "$OUT/f32_fir.json"
+# Session 3 measured FIR conv vs separable (bench/results/step_h200_fir.json, with profiles):
+#   "${S[@]}" --heads none --dtypes float32 --variant conv "FIR_IMPL='conv'" \
+#     --variant separable "FIR_IMPL='separable'" --profile 2 --profile_dir /tmp/prof
+# Next, in priority order: the f32 joint/ict ratio with the new default, then the utilisation
+# candidates of WORKSPACE_NOTES.md (NHWC convolutions, batch 256), then steps_per_call = 4.
+run 200 "${S[@]}" --heads none joint --dtypes float32 --profile 2 --profile_dir /tmp/prof \
+  --out "$OUT/f32_heads.json"
 for d in /tmp/prof/*/; do  # the Perfetto traces, for reading again off the machine
   cp "$(ls -t "$d"plugins/profile/*/perfetto_trace.json.gz | head -1)" "$OUT/trace_$(basename "$d").json.gz"
 done
-BEST=$(python3 -c "
-import json
-rows = json.load(open('$OUT/f32_fir.json'))['steps']
-print(min(rows, key=lambda r: r['step_s'])['variant'])" 2>/dev/null || echo conv)
-echo "faster FIR impl: $BEST"
-V=(--variant "$BEST" "FIR_IMPL='$BEST'")
-run 170 "${S[@]}" --heads none joint --dtypes bfloat16 "${V[@]}" --out "$OUT/bf16_joint.json"
-XLA_FLAGS=--xla_gpu_force_conv_nhwc=true run 90 "${S[@]}" --heads none --dtypes float32 \
-  --variant "$BEST/nhwc" "FIR_IMPL='$BEST'" --out "$OUT/f32_nhwc.json"
-run 90 python3 bench/step.py --configs cifar --cifar_batch 256 --calls 3 --rounds 3 --heads none \
-  --dtypes float32 --variant "$BEST/b256" "FIR_IMPL='$BEST'" --out "$OUT/f32_b256.json"
+XLA_FLAGS=--xla_gpu_force_conv_nhwc=true run 100 "${S[@]}" --heads none --dtypes float32 \
+  --variant nhwc --out "$OUT/f32_nhwc.json"
+run 100 python3 bench/step.py --configs cifar --cifar_batch 256 --calls 3 --rounds 3 --heads none \
+  --dtypes float32 --variant b256 --out "$OUT/f32_b256.json"
+run 120 "${S[@]}" --heads none --dtypes bfloat16 --steps_per_call 1 4 --calls 2 --out "$OUT/bf16_spc.json"
 echo "done at ${SECONDS}s"
