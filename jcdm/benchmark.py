@@ -130,7 +130,12 @@ def time_train_step(
     gbs = int(gin.query_parameter("train.global_batch_size"))
     spc = int(gin.query_parameter("train.steps_per_call"))
     built = train_lib.build(
-        global_batch_size=gbs, seed=0, total_steps=1000, ema_decay=0.999, steps_per_call=spc
+        global_batch_size=gbs,
+        seed=0,
+        total_steps=1000,
+        ema_decay=0.999,
+        steps_per_call=spc,
+        unroll_steps=bool(gin.query_parameter("train.unroll_steps")),
     )
     # the update of a k-step call scans k steps: its count is k steps
     flops = model_flops(built.update_fn, built.abstract_state, built.batch_struct)

@@ -142,17 +142,20 @@ def make_train_step(
     return train_step
 
 
-def make_multi_step(train_step, steps_per_call: int):
+def make_multi_step(train_step, steps_per_call: int, *, unroll: bool = False):
     """Run `steps_per_call` updates in one compiled call (a scan over stacked batches).
 
     Amortises dispatch and host round trips; the update sequence is identical to calling
-    `train_step` that many times. Metrics are those of the last step.
+    `train_step` that many times. Metrics are those of the last step. `unroll` lays the steps
+    out one after another instead of in a while loop: XLA:CPU runs the convolutions of a loop
+    body on a slow generic path (WORKSPACE_NOTES.md "Performance"), at the price of a program
+    (and compile time) `steps_per_call` times larger.
     """
     if steps_per_call == 1:
         return train_step
 
     def multi(state, xs):
-        state, metrics = jax.lax.scan(train_step, state, xs)
+        state, metrics = jax.lax.scan(train_step, state, xs, unroll=steps_per_call if unroll else 1)
         return state, jax.tree.map(lambda m: m[-1], metrics)
 
     return multi

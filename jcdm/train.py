@@ -97,6 +97,7 @@ def build(
     total_steps: int,
     ema_decay: float,
     steps_per_call: int = 1,
+    unroll_steps: bool = False,
     nan_at_step: int = -1,
     compile_update: bool = True,
 ) -> Built:
@@ -148,6 +149,7 @@ def build(
             nan_at_step=nan_at_step,
         ),
         steps_per_call,
+        unroll=unroll_steps,
     )
     batch_struct = jax.ShapeDtypeStruct(batch_shape, jnp.float32)
     t0 = time.perf_counter()
@@ -217,6 +219,7 @@ def train(
     ema_decay: float = 0.99993,
     curriculum_steps: int | None = None,
     steps_per_call: int = 1,
+    unroll_steps: bool = False,
     log_every: int = 100,
     eval_every: int = 1000,
     num_grid_samples: int = 64,
@@ -230,7 +233,8 @@ def train(
     """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
 
     `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
-    `steps_per_call` updates run inside one compiled call (a scan). `eval_every = 0` turns sample
+    `steps_per_call` updates run inside one compiled call (a scan; `unroll_steps` unrolls it, for
+    XLA:CPU, where a loop body's convolutions are slow). `eval_every = 0` turns sample
     grids off. Every `fid_every` steps (0: never) FID of 1- and 2-step samples against the
     statistics file `fid_stats` (tools/fid_stats.py) is logged as fid_1step / fid_2step.
     `nan_at_step` is a test hook that poisons the loss at that step.
@@ -251,6 +255,7 @@ def train(
         total_steps=curriculum_steps or num_steps,
         ema_decay=ema_decay,
         steps_per_call=steps_per_call,
+        unroll_steps=unroll_steps,
         nan_at_step=nan_at_step,
     )
     data_it, compile_s = built.data_it, built.compile_s

@@ -31,18 +31,21 @@ def test_bfloat16_with_a_4_step_scan_trains(tmp_path):
 
 
 def test_float32_results_do_not_depend_on_steps_per_call(tmp_path):
-    """8 steps as 8 calls and as 2 calls of a 4-step scan: same metrics at steps 4 and 8 (the
-    same batches, keys and updates; only XLA's fusion across the scan may round differently)."""
+    """8 steps as 8 calls, as 2 calls of a 4-step scan, and as 2 calls of the scan unrolled
+    (train.unroll_steps): same metrics at steps 4 and 8 (the same batches, keys and updates; only
+    XLA's fusion across steps may round differently)."""
     rows = {}
-    for spc in (1, 4):
-        workdir = tmp_path / f"spc{spc}"
+    for spc, unroll in ((1, False), (4, False), (4, True)):
+        workdir = tmp_path / f"spc{spc}_{unroll}"
         args = ["--gin", "gin/smoke.gin", "--workdir", str(workdir), *QUIET]
         args += ["--gin.train.num_steps=8", "--gin.train.log_every=4"]
-        args += [f"--gin.train.steps_per_call={spc}"]
+        args += [f"--gin.train.steps_per_call={spc}", f"--gin.train.unroll_steps={unroll}"]
         r = run_trainer(args)
         assert r.returncode == 0, r.stderr
-        rows[spc] = read_metrics(str(workdir))
-    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[4]] == [4, 8]
-    for a, b in zip(rows[1], rows[4], strict=True):
-        for key in ("loss", "loss_ct", "loss_dsm", "grad_norm", "sigma_mean", "num_scales"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+        rows[spc, unroll] = read_metrics(str(workdir))
+    want = rows[1, False]
+    for got in (rows[4, False], rows[4, True]):
+        assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8]
+        for a, b in zip(want, got, strict=True):
+            for key in ("loss", "loss_ct", "loss_dsm", "grad_norm", "sigma_mean", "num_scales"):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
