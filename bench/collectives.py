@@ -6,6 +6,7 @@ number of all-reduce ops in the compiled train step of a config: together they e
 
     python bench/collectives.py [--config gin/smoke.gin] [--batch 32] [--pin]
     python bench/collectives.py --layouts 1x2 2x1    # one device per process instead
+    python bench/collectives.py --profile            # + where process 0's step time goes
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 SIZES = (1, 1 << 20)  # floats per device: latency-bound, and a 4 MiB gradient-sized buffer
 
 
-def worker(calls: int, config: str, batch: int) -> None:
+def worker(calls: int, config: str, batch: int, profile: str | None) -> None:
     """One process of the probe: a jitted sum over all devices, timed."""
     import jax
     import jax.numpy as jnp
@@ -55,12 +56,19 @@ def worker(calls: int, config: str, batch: int) -> None:
     from jcdm import benchmark
 
     benchmark.configure([config], [f"train.global_batch_size={batch}"])
-    out["step_s"] = benchmark.time_train_step(config, calls=3, rounds=3).step_s
+    pdir = f"{profile}/p{jax.process_index()}" if profile else None
+    t = benchmark.time_train_step(config, calls=3, rounds=3, profile_dir=pdir)
+    out["step_s"] = t.step_s
+    if t.profile:
+        out["profile"] = {k: v for k, v in t.profile.items() if k != "top_kernels"}
+        out["profile"]["top_ops"] = t.profile.get("top_ops", [])[:8]
     if jax.process_index() == 0:
         print("RESULT " + json.dumps(out), flush=True)
 
 
-def probe(num: int, devices: int, calls: int, config: str, batch: int, pin: bool) -> dict:
+def probe(
+    num: int, devices: int, calls: int, config: str, batch: int, pin: bool, profile: str | None
+) -> dict:
     from jcdm.launch_local import free_port, process_env
 
     port = free_port()
@@ -68,7 +76,8 @@ def probe(num: int, devices: int, calls: int, config: str, batch: int, pin: bool
         subprocess.Popen(
             (["taskset", "-c", str(i % os.cpu_count())] if pin and num > 1 else [])
             + [sys.executable, __file__, "--worker", f"--calls={calls}"]
-            + [f"--config={config}", f"--batch={batch}"],
+            + [f"--config={config}", f"--batch={batch}"]
+            + ([f"--profile_dir={profile}/{num}x{devices}"] if profile else []),
             cwd=REPO,
             env=process_env(i, num, devices, port),
             stdout=subprocess.PIPE,
@@ -117,18 +126,25 @@ def main() -> None:
     p.add_argument("--config", default="gin/smoke.gin")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "collectives_cpu.json"))
+    p.add_argument("--profile", action="store_true", help="trace 2 steps per layout")
+    p.add_argument("--profile_dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.calls, args.config, args.batch)
+        worker(args.calls, args.config, args.batch, args.profile_dir)
         return
+    prof_root = "/tmp/jcdm-collectives-profile" if args.profile else None
     result = {"command": " ".join(sys.argv), "latency_s": {}}
     layouts = [tuple(int(v) for v in layout.split("x")) for layout in args.layouts]
     for num, devices in layouts:
-        lat = probe(num, devices, args.calls, args.config, args.batch, args.pin)
+        lat = probe(num, devices, args.calls, args.config, args.batch, args.pin, prof_root)
         result["latency_s"][f"{num}x{devices}"] = lat
         shown = ", ".join(f"{s} floats/device: {lat[str(s)] * 1e3:.2f} ms" for s in SIZES)
         print(f"{num}x{devices}: one all-reduce over all devices: {shown}", flush=True)
         print(f"{num}x{devices}: compiled train step alone: {lat['step_s'] * 1e3:.0f} ms")
+        if "profile" in lat:
+            from jcdm import profiling
+
+            print(profiling.format_summary(lat["profile"]), flush=True)
     n = count_all_reduces(args.config, args.batch)
     result["all_reduces_per_step"] = n
     lat = result["latency_s"]
