@@ -31,11 +31,11 @@ def test_bfloat16_with_a_4_step_scan_trains(tmp_path):
 
 
 def test_float32_results_do_not_depend_on_steps_per_call(tmp_path):
-    """8 steps as 8 calls, as 2 calls of a 4-step scan, and as 2 calls of the scan unrolled
-    (train.unroll_steps): same metrics at steps 4 and 8 (the same batches, keys and updates; only
-    XLA's fusion across steps may round differently)."""
+    """8 steps as 8 calls, as 2 calls of a 4-step scan, and as 4 calls of a 2-step scan unrolled
+    (train.unroll_steps; 2 steps keep its compile short): same metrics at steps 4 and 8 (the same
+    batches, keys and updates; only XLA's fusion across steps may round differently)."""
     rows = {}
-    for spc, unroll in ((1, False), (4, False), (4, True)):
+    for spc, unroll in ((1, False), (4, False), (2, True)):
         workdir = tmp_path / f"spc{spc}_{unroll}"
         args = ["--gin", "gin/smoke.gin", "--workdir", str(workdir), *QUIET]
         args += ["--gin.train.num_steps=8", "--gin.train.log_every=4"]
@@ -44,7 +44,7 @@ def test_float32_results_do_not_depend_on_steps_per_call(tmp_path):
         assert r.returncode == 0, r.stderr
         rows[spc, unroll] = read_metrics(str(workdir))
     want = rows[1, False]
-    for got in (rows[4, False], rows[4, True]):
+    for got in (rows[4, False], rows[2, True]):
         assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8]
         for a, b in zip(want, got, strict=True):
             for key in ("loss", "loss_ct", "loss_dsm", "grad_norm", "sigma_mean", "num_scales"):
