@@ -10,10 +10,11 @@
         --variant separable "FIR_IMPL='separable'"         # variants compared in one run
 
 Rows: every (config, dtype, steps_per_call, head) with head in `none` (plain iCT), `vanilla`
-(head on detached features) and `joint`. Utilisation is the step's achieved FLOP/s (XLA's cost
-analysis of the compiled update / measured step time) divided by the FLOP/s of a large jitted
-matmul of the same dtype measured in this run. Ratios printed at the end are taken within this
-one run (joint/ict step time per config; 2x4/1x8 step time). The table is also written as JSON.
+(head on detached features) and `joint`. Utilisation is the step's achieved FLOP/s (the convs'
+and matmuls' FLOPs of the update, `jcdm.benchmark.model_flops`, / measured step time) divided by
+the FLOP/s of a large jitted matmul of the same dtype measured just before the row. Ratios
+printed at the end are taken within this one run (joint/ict step time per config, each variant
+against the first; 2x4/1x8 step time). The table is also written as JSON.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ def step_rows(args, on_row=lambda rows: None) -> list[dict]:
             args.dtypes, args.steps_per_call, args.heads, args.variant
         ):
             name = f"{config}/{HEADS[head]}/{dtype}/spc{spc}" + (f"/{label}" if label else "")
-            bindings = [
+            bindings = [  # the last binding of a name wins: --bind and variants come last
                 *base,
-                *args.bind,
-                *extra,
                 f"ICTConfig.head='{head}'",
                 f"COMPUTE_DTYPE='{dtype}'",
                 f"train.steps_per_call={spc}",
+                *args.bind,
+                *extra,
             ]
             matmul = benchmark.matmul_flops_per_sec(args.matmul_n, dtype)
             benchmark.configure(files, bindings)

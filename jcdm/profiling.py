@@ -77,42 +77,62 @@ def _called_computations(hlo_text: str) -> dict[str, str]:
     return bodies
 
 
+_COLLECTIVES = {
+    "all-reduce",
+    "all-reduce-start",
+    "all-gather",
+    "all-gather-start",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-permute-start",
+}
+
+
 def categorize(rest: str, bodies: dict[str, str] | None = None) -> str:
-    """Category of one HLO instruction from its text (the part after `name = `)."""
+    """Category of one HLO instruction from its text (the part after `name = `): its opcode and
+    attributes only, never its metadata (op names like `transpose(jvp(...))`) or operand names."""
     bodies = bodies or {}
+    rest = re.sub(r",?\s*metadata=\{[^}]*\}", "", rest)
+    m = re.search(r"(?:^|\s)([a-z][\w\-]*)\(", rest)
+    opcode = m.group(1) if m else ""
     grouped = re.search(r"(feature|batch)_group_count=(\d+)", rest)
     is_grouped = bool(grouped and int(grouped.group(2)) > 1)
-    if "convolution(" in rest or "__cudnn$conv" in rest:
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    target = target.group(1) if target else ""
+    if opcode == "convolution" or "__cudnn$conv" in target:
         return "conv_grouped" if is_grouped else "conv"
-    if re.search(r"\bdot\(", rest) or "__cublas" in rest or "gemm" in rest:
+    if opcode == "dot" or "cublas" in target or "gemm" in target:
         return "matmul"
-    if re.search(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)", rest):
+    if opcode in _COLLECTIVES:
         return "collective"
-    if " fusion(" in rest or rest.startswith("fusion("):
+    if opcode == "fusion":
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         body = bodies.get(called.group(1), "") if called else ""
-        if "convolution(" in body:
+        if re.search(r"\sconvolution\(", body):
             return "conv_grouped" if re.search(r"group_count=([2-9]|\d\d)", body) else "conv"
-        if re.search(r"\bdot\(", body) or "__triton_gemm" in rest:
+        if re.search(r"\sdot\(", body) or "__triton_gemm" in rest:
             return "matmul"
-        if "kind=kInput" in rest or " reduce(" in body:
+        if "kind=kInput" in rest or re.search(r"\sreduce\(", body):
             return "fusion_reduce"
         if "kind=kLoop" in rest:
             return "fusion_loop"
         return "fusion_other"
-    if re.search(r"\b(copy|transpose)(-start)?\(", rest):
+    if opcode in ("copy", "copy-start", "transpose"):
         return "copy_transpose"
     return "other"
 
 
 _KERNEL_CATEGORIES = (  # GPU kernel names (cuDNN, cuBLAS/CUTLASS, XLA's fusion emitters)
-    ("conv_grouped", re.compile(r"grouped|depthwise")),
-    ("conv", re.compile(r"xmma_(fprop|dgrad|wgrad)|implicit_gemm|cudnn::|conv(?!ert)", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|cublas|triton_", re.I)),
+    # cuDNN names grouped convolutions "grouped", or its implicit GEMMs say "_g8_" ("_g1_": not)
+    ("conv_grouped", re.compile(r"grouped|depthwise|xmma_\w*_g([2-9]|\d\d+)_")),
+    ("conv", re.compile(r"xmma_(fprop|dgrad|wgrad)|implicit_gemm|cudnn::|conv(?!ert)|wgrad", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|cublas", re.I)),
+    ("collective", re.compile(r"nccl|all_reduce|allreduce|all_gather|reduce_scatter", re.I)),
     ("copy_transpose", re.compile(r"transpose|tensorTransform|memcpy|memset|copy", re.I)),
-    ("fusion_reduce", re.compile(r"reduce")),
-    ("collective", re.compile(r"nccl|all_reduce|allreduce", re.I)),
-    ("fusion_loop", re.compile(r"^(loop_|wrapped_|input_|fusion)")),
+    ("fusion_loop", re.compile(r"reduce_precision")),
+    ("fusion_reduce", re.compile(r"reduce|softmax")),
+    ("fusion_loop", re.compile(r"^(loop_|wrapped_|input_|fusion|triton)")),
 )
 
 
@@ -181,7 +201,10 @@ def summarize(path: Path, hlo_text: str = "", *, calls: int, top: int = 25) -> d
     by_kernel: dict[str, float] = collections.defaultdict(float)
     if source.startswith("device"):  # kernels name their work; an op may be a whole CUDA graph
         for e in events:
-            cats[categorize_kernel(e["name"])] += e["dur"]
+            cat = categorize_kernel(e["name"])
+            if cat == "conv" and categorize(instrs.get(e["args"]["hlo_op"], "")) == "conv_grouped":
+                cat = "conv_grouped"  # the HLO knows the group count where the name does not
+            cats[cat] += e["dur"]
             by_kernel[e["name"][:100]] += e["dur"]
     ops = []
     for op, us in per_op.items():

@@ -33,7 +33,8 @@ def test_model_flops_counts_matmuls_convolutions_and_every_scan_step():
 
     fwd = 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)  # padded taps count: the dense work a GEMM does
     assert benchmark.model_flops(conv, x, w) == fwd
-    # The gradient with respect to both operands adds two convolutions of the same size.
+    # The gradient with respect to both operands adds two convolutions of the same size
+    # (stride 1; a strided conv's input gradient is lhs-dilated and counts its zeros).
     grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
     assert benchmark.model_flops(grad, x, w) == 3 * fwd
 
@@ -89,6 +90,18 @@ ENTRY %main (a: f32[2,8,8,4], w: f32[3,3,1,4]) -> f32[2,8,8,4] {
     cat = {name: profiling.categorize(instrs[name], bodies) for name in instrs}
     assert cat["convolution.3"] == "conv_grouped" and cat["convolution.4"] == "conv"
     assert cat["fusion.1"] == "fusion_loop" and cat["dot.2"] == "matmul"
+    # The opcode decides, not metadata or operand names.
+    tricky = {
+        'f32[4]{0} reduce(%a, %c), dimensions={0}, metadata={op_name="transpose(jvp(f))"}': "other",
+        "f32[16]{0} fusion(f32[16] %all-reduce.3, %b), kind=kLoop, calls=%fused_computation.1": (
+            "fusion_loop"
+        ),
+        "f32[8]{0} add(%cublas-gemm.2, %b)": "other",
+        "(f32[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a, %w), window={size=3x3},"
+        ' feature_group_count=4, custom_call_target="__cudnn$convForward"': "conv_grouped",
+        "f32[64]{0} all-reduce(%g), replica_groups={}, to_apply=%add": "collective",
+    }
+    assert {k: profiling.categorize(k, bodies) for k in tricky} == tricky
     kernels = {
         "sm90_xmma_wgrad_indexed_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc": "conv",
         "void cudnn::cnn::conv2d_grouped_direct_kernel<false, true>": "conv_grouped",
@@ -97,5 +110,13 @@ ENTRY %main (a: f32[2,8,8,4], w: f32[3,3,1,4]) -> f32[2,8,8,4] {
         "loop_convert_fusion_2": "fusion_loop",
         "void tensorTransformGeneric<float, float, float, true>": "copy_transpose",
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "collective",
+        "all_reduce_one_shot_kernel": "collective",
+        "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc_g8_tilesize64": (
+            "conv_grouped"
+        ),
+        "void wgrad_alg0_engine_NHWC<float, 128, 5, 5, 3, 3, 3, false>": "conv",
+        "sm80_xmma_fprop_implicit_gemm_indexed_tf32f32_nhwc_g1_tensor16x8x8_execute": "conv",
+        "loop_reduce_precision_fusion": "fusion_loop",
+        "triton_softmax_fusion": "fusion_reduce",
     }
     assert {k: profiling.categorize_kernel(k) for k in kernels} == kernels

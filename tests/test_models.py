@@ -311,6 +311,18 @@ def test_fir_impls_agree_on_values_gradients_and_dtype(kernel):
     np.testing.assert_allclose(np.asarray(y, np.float32), fns["down"](x, "conv"), atol=0.02)
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4])
+@pytest.mark.parametrize("kernel", [(1,), (1, 1), (1, 2, 1), (1, 3, 3, 1)])
+def test_fir_impls_agree_for_other_factors_and_short_kernels(kernel, factor):
+    """Kernels shorter than the factor leave upsampling phases without taps (zeros)."""
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(1, 7, 6, 2)), jnp.float32)
+    for f in (fir.downsample_2d, fir.upsample_2d):
+        a = f(x, kernel, factor, impl="conv")
+        b = f(x, kernel, factor, impl="separable")
+        assert a.shape == b.shape, (f.__name__, a.shape, b.shape)
+        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=f.__name__)
+
+
 def test_fir_impl_rejects_unknown_name():
     with pytest.raises(ValueError, match="FIR impl must be one of"):
         fir.downsample_2d(jnp.ones((1, 4, 4, 1)), impl="fft")

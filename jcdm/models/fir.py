@@ -62,6 +62,10 @@ def _fir_axis(x: jax.Array, taps: np.ndarray, axis: int, stride: int, pad: tuple
             continue
         part = jax.lax.slice_in_dim(xp, t, t + stride * (n_out - 1) + 1, stride, axis) * v
         out = part if out is None else out + part
+    if out is None:  # every tap zero (an upsampling phase no kernel tap lands on)
+        shape = list(x.shape)
+        shape[axis] = n_out
+        out = jnp.zeros(shape, x.dtype)
     return out
 
 
@@ -81,7 +85,8 @@ def _fir(
     if impl == "separable":
         k1 = np.asarray(k, np.float64)
         taps = (k1 / k1.sum() * np.sqrt(gain))[::-1]  # outer(taps, taps) == flipped k2
-        y = x.astype(jnp.float32)  # bf16 inputs: sum the taps in float32, as a conv would
+        # bf16 inputs: sum the taps in float32, as a conv would (float64 stays float64)
+        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         for axis in (1, 2):
             y = _fir_axis(y, taps, axis, stride, pad)
         return y.astype(x.dtype)
@@ -151,7 +156,7 @@ def upsample_2d(
     _check_impl(impl)
     phases, dmin, dmax = _upsample_phases(k, factor)
     if impl == "separable":
-        y = x.astype(jnp.float32)
+        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         for axis in (1, 2):
             parts = [_fir_axis(y, ph, axis, 1, (-dmin, dmax)) for ph in phases]
             shape = list(y.shape)
