@@ -197,23 +197,22 @@ def summarize(path: Path, hlo_text: str = "", *, calls: int, top: int = 25) -> d
         per_op[op] += e["dur"]
         count[op] += 1
         kernels.setdefault(op, e["name"])
+    op_cat = {op: categorize(instrs.get(op, ""), bodies) for op in per_op}
     cats = dict.fromkeys(CATEGORIES, 0.0)
     by_kernel: dict[str, float] = collections.defaultdict(float)
     if source.startswith("device"):  # kernels name their work; an op may be a whole CUDA graph
         for e in events:
             cat = categorize_kernel(e["name"])
-            if cat == "conv" and categorize(instrs.get(e["args"]["hlo_op"], "")) == "conv_grouped":
+            if cat == "conv" and op_cat[e["args"]["hlo_op"]] == "conv_grouped":
                 cat = "conv_grouped"  # the HLO knows the group count where the name does not
             cats[cat] += e["dur"]
             by_kernel[e["name"][:100]] += e["dur"]
-    ops = []
-    for op, us in per_op.items():
-        rest = instrs.get(op, "")
-        cat = categorize(rest, bodies)
-        if not source.startswith("device"):
-            cats[cat] += us
-        ops.append((us, op, cat, rest))
-    ops.sort(reverse=True)
+    else:
+        for op, us in per_op.items():
+            cats[op_cat[op]] += us
+    ops = sorted(
+        ((us, op, op_cat[op], instrs.get(op, "")) for op, us in per_op.items()), reverse=True
+    )
     total = sum(per_op.values())
     span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
     busy = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in events])
