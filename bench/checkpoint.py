@@ -11,7 +11,7 @@ the EMA copy (4 x 82M float32 = 1.3 GB). `--fill random` (default) writes normal
 zstd cannot shrink, like trained weights; `--fill zeros` compresses to almost nothing and so
 understates the write time.
 
-Modes, all through jcdm.checkpoint.Checkpointer on this process's devices:
+Modes, all through jcdm.runtime.checkpoint.Checkpointer on this process's devices:
 - `sync`: `async_save=False`; the loop waits for the whole write and commit.
 - `orbax_async`: Orbax's asynchronous save; the loop waits for the device-to-host copy, the
   per-array metadata and the start barrier, then Orbax writes in a background thread.
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from jcdm import checkpoint as ckpt_lib  # noqa: E402
+from jcdm.runtime import checkpoint as ckpt_lib  # noqa: E402
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
 GIN = {"test": ("smoke.gin", (16, 16, 3)), "cifar": ("joint.gin", (32, 32, 3))}
@@ -67,8 +67,8 @@ class FakeIterator:
 def abstract_train_state(which: str):
     """The trainer's TrainState structure for a gin config, without building data or a mesh."""
     import jcdm.register  # noqa: F401
-    from jcdm import step as step_lib
-    from jcdm import train
+    from jcdm.training import step as step_lib
+    from jcdm.training import train
 
     gin_file, image_shape = GIN[which]
     gin.clear_config()

@@ -34,7 +34,7 @@ def worker(calls: int, config: str, batch: int, profile: str | None) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jcdm import distributed
+    from jcdm.runtime import distributed
 
     distributed.initialize(peer_watchdog=False)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
@@ -53,7 +53,7 @@ def worker(calls: int, config: str, batch: int, profile: str | None) -> None:
         for _ in range(calls):
             jax.block_until_ready(f(x))
         out[size] = (time.perf_counter() - t0) / calls
-    from jcdm import benchmark
+    from jcdm.dev import benchmark
 
     benchmark.configure([config], [f"train.global_batch_size={batch}"])
     pdir = f"{profile}/p{jax.process_index()}" if profile else None
@@ -69,7 +69,7 @@ def worker(calls: int, config: str, batch: int, profile: str | None) -> None:
 def probe(
     num: int, devices: int, calls: int, config: str, batch: int, pin: bool, profile: str | None
 ) -> dict:
-    from jcdm.launch_local import free_port, process_env
+    from jcdm.dev.launch_local import free_port, process_env
 
     port = free_port()
     procs = [
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"{num}x{devices}: one all-reduce over all devices: {shown}", flush=True)
         print(f"{num}x{devices}: compiled train step alone: {lat['step_s'] * 1e3:.0f} ms")
         if "profile" in lat:
-            from jcdm import profiling
+            from jcdm.dev import profiling
 
             print(profiling.format_summary(lat["profile"]), flush=True)
     n = count_all_reduces(args.config, args.batch)

@@ -76,7 +76,7 @@ def pipeline_images_per_second(
 def train_step_images_per_second(config: str, train_batch: int, steps: int) -> float:
     """Images/s the compiled train step of `config` consumes on this machine (bench/step.py's
     measurement: the trainer's own update on one fixed batch)."""
-    from jcdm import benchmark
+    from jcdm.dev import benchmark
 
     bindings = [f"train.global_batch_size={train_batch}"] if train_batch else []
     benchmark.configure([config], bindings)

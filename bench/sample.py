@@ -26,9 +26,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jcdm import benchmark, evaluation  # noqa: E402
-from jcdm import train as train_lib  # noqa: E402
-from jcdm.eval import fid, inception  # noqa: E402
+from jcdm.dev import benchmark  # noqa: E402
+from jcdm.fid import fid, inception  # noqa: E402
+from jcdm.training import sampler as sampler_lib  # noqa: E402
+from jcdm.training import train as train_lib  # noqa: E402
 
 CONFIGS = {
     "test": (["gin/smoke.gin"], []),
@@ -74,7 +75,7 @@ def main() -> None:
     )
     built.data_it.close()
     state = jax.jit(built.init_fn, out_shardings=built.state_sh)(jnp.int32(0))
-    sampler = evaluation.Sampler(
+    sampler = sampler_lib.Sampler(
         built.networks, built.cfg, built.mesh, built.state_sh.ema_params, built.image_shape
     )
     rows = []

@@ -11,7 +11,7 @@
 
 Rows: every (config, dtype, steps_per_call, head) with head in `none` (plain iCT), `vanilla`
 (head on detached features) and `joint`. Utilisation is the step's achieved FLOP/s (the convs'
-and matmuls' FLOPs of the update, `jcdm.benchmark.model_flops`, / measured step time) divided by
+and matmuls' FLOPs of the update, `jcdm.dev.benchmark.model_flops`, / measured step time) divided by
 the FLOP/s of a large jitted matmul of the same dtype measured just before the row. Ratios
 printed at the end are taken within this one run (joint/ict step time per config, each variant
 against the first; 2x4/1x8 step time). The table is also written as JSON.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from jcdm import benchmark, profiling  # noqa: E402
+from jcdm.dev import benchmark, profiling  # noqa: E402
 
 HEADS = {"none": "ict", "vanilla": "vanilla", "joint": "joint"}
 # Both configs read generated images of the right shape (no dataset needed) in-process.
@@ -100,7 +100,7 @@ def step_rows(args, on_row=lambda rows: None) -> list[dict]:
 
 
 def multihost_rows(args) -> list[dict]:
-    """The trainer itself under jcdm.launch_local: 1 process x 8 devices vs 2 x 4, same global
+    """The trainer itself under jcdm.dev.launch_local: 1 process x 8 devices vs 2 x 4, same global
     batch; images/s is the trainer's own (metrics.jsonl), median of the rows after the first."""
     files, base = CONFIGS[args.multihost_config]
     out = []
@@ -118,7 +118,7 @@ def multihost_rows(args) -> list[dict]:
             cmd = [
                 sys.executable,
                 "-m",
-                "jcdm.launch_local",
+                "jcdm.dev.launch_local",
                 f"--num_processes={num}",
                 f"--devices_per_process={devices}",
                 "--",
@@ -223,7 +223,7 @@ def main() -> None:
             f"  {row['step_vs_ict']:5.2f}x  {row['step_vs_first_variant']:5.2f}x"
         )
     if args.multihost:
-        print("\nmulti-process (trainer under jcdm.launch_local, CPU devices):")
+        print("\nmulti-process (trainer under jcdm.dev.launch_local, CPU devices):")
         mh = multihost_rows(args)
         result["multihost"] = mh
         ratio = mh[1]["step_s"] / mh[0]["step_s"]

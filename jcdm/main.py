@@ -114,12 +114,12 @@ class _DropGinPathProbes(logging.Filter):
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.only_inference:
-        from jcdm import preemption
+        from jcdm.runtime import preemption
 
         # Keep a SIGTERM that arrives while starting up (the loop acts on it), and own SIGTERM
         # before jax.distributed starts JAX's notifier, which would swallow it (see preemption).
         preemption.install()
-    from jcdm import distributed
+    from jcdm.runtime import distributed
 
     try:
         parse_gin(args.gin, args.gin_bindings)
@@ -133,11 +133,11 @@ def run(argv: list[str]) -> int:
         return exit_codes.USAGE
     configure_logging(args.log_level)
 
-    from jcdm import train as train_lib
+    from jcdm.training import train as train_lib
 
     try:
         if args.only_inference:
-            from jcdm import inference
+            from jcdm.training import inference
 
             inference.run(workdir=args.workdir)
         else:

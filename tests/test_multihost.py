@@ -1,6 +1,6 @@
 """Multi-host training through real processes (issue #3, items 5 and 6).
 
-Every trainer run here goes through `python -m jcdm.launch_local`: N processes on 127.0.0.1 with
+Every trainer run here goes through `python -m jcdm.dev.launch_local`: N processes on 127.0.0.1 with
 M simulated CPU devices each, joined by `jax.distributed` and gloo collectives, exactly the code
 path of a TPU pod or a GPU cluster. Nothing is mocked.
 
@@ -24,8 +24,8 @@ import time
 import numpy as np
 import pytest
 
-from jcdm import launch_local
-from jcdm import mesh as mesh_lib
+from jcdm.dev import launch_local
+from jcdm.runtime import mesh as mesh_lib
 from tests.trainer import launch_local_argv
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ class Run:
 
 
 class Launch:
-    """One `python -m jcdm.launch_local` in the background; a thread reads its output so that
+    """One `python -m jcdm.dev.launch_local` in the background; a thread reads its output so that
     several launches can run at once and a test can act on a line as it appears."""
 
     def __init__(self, repo: str, workdir: str, num: int, devices: int, args: list[str]):

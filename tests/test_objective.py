@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcdm import models, objective
-from jcdm.step import Networks
+from jcdm import models
+from jcdm.ict import objective
+from jcdm.training.step import Networks
 
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
 SHAPE = (4, 16, 16, 3)

@@ -31,11 +31,11 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def launch_local_argv(num: int, devices: int, args: list[str], workdir: str) -> list[str]:
-    """`python -m jcdm.launch_local` for `num` processes x `devices` CPU devices."""
+    """`python -m jcdm.dev.launch_local` for `num` processes x `devices` CPU devices."""
     return [
         sys.executable,
         "-m",
-        "jcdm.launch_local",
+        "jcdm.dev.launch_local",
         f"--num_processes={num}",
         f"--devices_per_process={devices}",
         "--kill_after=30",

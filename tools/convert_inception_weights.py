@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from jcdm.eval.convert import (
+from jcdm.fid.convert import (
     convert_state_dict,
     find_fid_helper_weights,
     read_torch_weights,
     save_npz,
 )
-from jcdm.eval.inception import default_weights_path
+from jcdm.fid.inception import default_weights_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     from jax.sharding import Mesh
 
-    from jcdm.eval import fid, inception
+    from jcdm.fid import fid, inception
 
     try:
         read, total, description = _open_source(args)

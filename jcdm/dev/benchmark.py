@@ -1,9 +1,9 @@
 """Measurement helpers for bench/: the trainer's own compiled update, XLA's FLOP count, and a
 matmul reference measured in the same process.
 
-System code: it builds the update exactly as `jcdm.train.build` does for a run and times it;
-nothing here changes what is computed. Times are medians of rounds, each round several calls
-ended by one `block_until_ready`, so dispatch overlaps compute as in the training loop.
+System code: it builds the update exactly as `jcdm.training.train.build` does for a run and
+times it; nothing here changes what is computed. Times are medians of rounds, each round several
+calls ended by one `block_until_ready`, so dispatch overlaps compute as in the training loop.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class StepTiming:
     flops_per_sec: float
     loss_first: float
     loss_last: float
-    profile: dict | None = None  # jcdm.profiling.summarize of a trace, when asked for
+    profile: dict | None = None  # jcdm.dev.profiling.summarize of a trace, when asked for
 
 
 def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -125,9 +125,9 @@ def time_train_step(
     The state is donated and threaded through every call as in training, so the optimizer and
     EMA work are included; the input pipeline is not (bench/data_throughput.py measures it).
     With `profile_dir`, `profile_calls` more calls are traced there after the timing and
-    summarised per HLO op (`jcdm.profiling`); the trace's path is in the summary.
+    summarised per HLO op (`jcdm.dev.profiling`); the trace's path is in the summary.
     """
-    from jcdm import train as train_lib
+    from jcdm.training import train as train_lib
 
     gbs = int(gin.query_parameter("train.global_batch_size"))
     spc = int(gin.query_parameter("train.steps_per_call"))
@@ -160,7 +160,7 @@ def time_train_step(
     step_s = per_call / spc
     profile = None
     if profile_dir:
-        from jcdm import profiling
+        from jcdm.dev import profiling
 
         try:
             path = profiling.trace_calls(call, calls=profile_calls, logdir=profile_dir)

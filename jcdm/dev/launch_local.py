@@ -1,6 +1,6 @@
 """A local cluster: N trainer processes on 127.0.0.1 with M simulated CPU devices each.
 
-    python -m jcdm.launch_local --num_processes 2 --devices_per_process 4 -- \\
+    python -m jcdm.dev.launch_local --num_processes 2 --devices_per_process 4 -- \\
         --gin gin/smoke.gin --workdir /tmp/run
 
 Each process runs `python -m jcdm <trainer arguments>` with JAX_COORDINATOR_ADDRESS,
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
         print(
-            "usage: python -m jcdm.launch_local [--num_processes N] [--devices_per_process M] "
+            "usage: python -m jcdm.dev.launch_local [--num_processes N] [--devices_per_process M] "
             "[--kill_after S] [--log_dir DIR] -- <trainer arguments>",
             file=sys.stderr,
         )
         sys.exit(2)
     cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="jcdm.launch_local")
+    p = argparse.ArgumentParser(prog="jcdm.dev.launch_local")
     p.add_argument("--num_processes", type=int, default=2)
     p.add_argument("--devices_per_process", type=int, default=4)
     p.add_argument(

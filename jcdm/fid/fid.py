@@ -6,7 +6,7 @@ FID (Heusel et al. 2017) between Gaussians fitted to Inception pool_3 features:
 
 All statistics are float64 on the host. The trainer's loop is
 
-    fn = make_inception_fn(load_params(), mesh, jcdm.mesh.batch_sharding(mesh))
+    fn = make_inception_fn(load_params(), mesh, jcdm.runtime.mesh.batch_sharding(mesh))
     stats = accumulate(fn, sample_batches)  # or: for x in batches: stats.update(fn(x))
     mu, sigma = stats.mean_cov()
     fid = frechet_distance(mu, sigma, *load_stats(reference_path))
@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jcdm.eval.inception import Params, Precision, inception_features
+from jcdm.fid.inception import Params, Precision, inception_features
 
 BATCH_AXES = ("data", "fsdp")
 

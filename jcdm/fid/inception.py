@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcdm.eval.preprocess import RESOLUTION, Precision, preprocess
+from jcdm.fid.preprocess import RESOLUTION, Precision, preprocess
 
 __all__ = [
     "FEATURE_DIM",
@@ -297,7 +297,7 @@ def inception_features(
 ) -> jax.Array:
     """pool_3 features [N, 2048] float32 of NHWC images (see `preprocess` for the convention).
 
-    Pure and jit-able; `make_inception_fn` in `jcdm.eval.fid` wraps it with shardings.
+    Pure and jit-able; `make_inception_fn` in `jcdm.fid.fid` wraps it with shardings.
     """
     x = preprocess(images, quantize=quantize, precision=precision)
     return InceptionV3(precision=precision).apply({"params": params}, x)

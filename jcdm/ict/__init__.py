@@ -12,7 +12,7 @@ Researchers import the schedule, parameterisation, loss and sampler functions fr
 Every function carries the paper's CIFAR-10 values as keyword defaults.
 """
 
-from jcdm.losses import (
+from jcdm.ict.losses import (
     consistency_weight,
     default_huber_c,
     edm_weight,
@@ -21,10 +21,10 @@ from jcdm.losses import (
     pseudo_huber_per_pixel,
     weighted_mse,
 )
-from jcdm.objective import ICTConfig, consistency_fn, head_denoiser, joint_loss
-from jcdm.parameterization import SIGMA_DATA, c_noise, consistency_scalings, edm_scalings
-from jcdm.sampling import TWO_STEP_SIGMA, consistency_sample, edm_heun_sample
-from jcdm.schedules import (
+from jcdm.ict.objective import ICTConfig, consistency_fn, head_denoiser, joint_loss
+from jcdm.ict.parameterization import SIGMA_DATA, c_noise, consistency_scalings, edm_scalings
+from jcdm.ict.sampling import TWO_STEP_SIGMA, consistency_sample, edm_heun_sample
+from jcdm.ict.schedules import (
     curriculum_period,
     index_logits,
     index_probs,

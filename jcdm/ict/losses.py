@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jcdm.parameterization import SIGMA_DATA
+from jcdm.ict.parameterization import SIGMA_DATA
 
 HUBER_C_PER_DIM = 0.00054
 REFERENCE_PER_PIXEL_C = 0.003

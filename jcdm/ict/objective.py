@@ -1,7 +1,7 @@
 """The joint objective: iCT consistency loss plus the score head's denoising loss.
 
 RECIPE.md sections 1 and 2. The networks enter as two apply functions, so this module holds the
-math alone; `jcdm.train` binds them to Flax modules, parameters and a mesh.
+math alone; `jcdm.training.train` binds them to Flax modules, parameters and a mesh.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jcdm import losses, parameterization, schedules
+from jcdm.ict import losses, parameterization, schedules
 
 HEAD_MODES = ("joint", "vanilla", "none")
 DISTANCES = ("pseudo_huber", "pseudo_huber_per_pixel")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jcdm.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from jcdm.ict.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -8,7 +8,7 @@ Fourier embedding of scale 0.02, dropout 0.3: 56,395,651 parameters, exactly the
 (iCT-deep, num_res_blocks=8: 97,610,627). Both are pinned in tests/test_models.py.
 
 The EDM/consistency preconditioning (c_in, c_skip, c_out, c_noise) lives in
-``jcdm.parameterization``; this module only sees c_in * x and c_noise = ln(sigma) / 4.
+``jcdm.ict.parameterization``; this module only sees c_in * x and c_noise = ln(sigma) / 4.
 """
 
 from __future__ import annotations

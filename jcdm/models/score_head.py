@@ -2,7 +2,7 @@
 
 The head outputs the raw network output F_head of an EDM-preconditioned denoiser
 D(x_sigma, sigma) = c_skip x_sigma + c_out F_head(...) (Karras et al. 2022, Table 1); the caller
-applies c_skip / c_out (``jcdm.parameterization.edm_scalings``) and decides whether the backbone
+applies c_skip / c_out (``jcdm.ict.parameterization.edm_scalings``) and decides whether the backbone
 inputs are detached ("vanilla") or not ("joint").
 
 Inputs and fusion:

@@ -19,9 +19,10 @@ import gin
 import jax
 import numpy as np
 
-from jcdm import checkpoint as ckpt_lib
-from jcdm import evaluation, reporting
-from jcdm import train as train_lib
+from jcdm.runtime import checkpoint as ckpt_lib
+from jcdm.runtime import reporting
+from jcdm.training import sampler as sampler_lib
+from jcdm.training import train as train_lib
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def inference(
     state = checkpointer.restore(step, target)
     checkpointer.close()
     ema = state.ema_params
-    sampler = evaluation.Sampler(
+    sampler = sampler_lib.Sampler(
         built.networks, built.cfg, built.mesh, built.state_sh.ema_params, built.image_shape
     )
     out_dir = os.path.join(workdir, "inference", f"step_{step}")
@@ -69,7 +70,7 @@ def inference(
     results: dict = {"step": step, "num_samples": num_samples}
     fid_eval = None
     if fid_stats:
-        fid_eval = evaluation.FIDEvaluator(
+        fid_eval = sampler_lib.FIDEvaluator(
             sampler, stats_path=fid_stats, num_samples=num_samples, batch_size=batch_size
         )
     for k in sampler_steps:
@@ -132,7 +133,7 @@ def _intermediate(k: int, given, cfg) -> tuple[float, ...]:
         return tuple(float(s) for s in given)
     if k == 2:
         return (float(gin.query_parameter("train.two_step_sigma")),)
-    from jcdm.schedules import karras_sigmas
+    from jcdm.ict.schedules import karras_sigmas
 
     grid = np.asarray(karras_sigmas(k + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho))[::-1]
     return tuple(float(s) for s in grid[1:-1])

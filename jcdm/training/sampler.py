@@ -9,9 +9,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jcdm import mesh as mesh_lib
-from jcdm import objective, sampling
-from jcdm.step import Networks
+from jcdm.ict import objective, sampling
+from jcdm.runtime import mesh as mesh_lib
+from jcdm.training.step import Networks
 
 
 class Sampler:
@@ -120,7 +120,7 @@ class FIDEvaluator:
         batch_size: int,
         inception_weights: str | None = None,
     ):
-        from jcdm.eval import fid, inception
+        from jcdm.fid import fid, inception
 
         self.sampler = sampler
         self.ref = fid.load_stats(stats_path)

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jcdm import objective
-from jcdm.losses import ema_update
+from jcdm.ict import objective
+from jcdm.ict.losses import ema_update
 
 
 @flax.struct.dataclass

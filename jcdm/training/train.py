@@ -21,12 +21,15 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jcdm import checkpoint as ckpt_lib
 from jcdm import data as data_lib
-from jcdm import evaluation, models, objective, reporting
-from jcdm import mesh as mesh_lib
-from jcdm import preemption as preemption_lib
-from jcdm import step as step_lib
+from jcdm import models
+from jcdm.ict import objective
+from jcdm.runtime import checkpoint as ckpt_lib
+from jcdm.runtime import mesh as mesh_lib
+from jcdm.runtime import preemption as preemption_lib
+from jcdm.runtime import reporting
+from jcdm.training import sampler as sampler_lib
+from jcdm.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +269,7 @@ def train(
     start_step = int(state.step)
 
     # --- Eval ------------------------------------------------------------------------------
-    sampler = evaluation.Sampler(
+    sampler = sampler_lib.Sampler(
         built.networks,
         built.cfg,
         built.mesh,
@@ -289,7 +292,7 @@ def train(
 
     fid_eval = None
     if fid_every:
-        fid_eval = evaluation.FIDEvaluator(
+        fid_eval = sampler_lib.FIDEvaluator(
             sampler, stats_path=fid_stats, num_samples=fid_num_samples, batch_size=fid_batch_size
         )
 
