@@ -46,7 +46,7 @@ CONFIGS = {
         ["DATA_DIR='synthetic:32x32x3:4096'", "make_train_iterator.worker_count=0"],
     ),
 }
-QUIET = ["train.eval_every=0", "CheckpointConfig.save_every=100000", "WandbConfig.mode='disabled'"]
+QUIET = ["EvalConfig.every=0", "CheckpointConfig.save_every=100000", "WandbConfig.mode='disabled'"]
 
 
 def step_rows(args, on_row=lambda rows: None) -> list[dict]:

@@ -44,7 +44,7 @@ SAVE_EVERY = 2
 TRAIN = [
     "--gin",
     "gin/smoke.gin",
-    "--gin.train.eval_every=0",
+    "--gin.EvalConfig.every=0",
     f"--gin.train.num_steps={STEPS}",
     "--gin.train.curriculum_steps=8",
     f"--gin.CheckpointConfig.save_every={SAVE_EVERY}",

@@ -37,10 +37,10 @@ def trained(tmp_path_factory):
         "--workdir",
         workdir,
         "--gin.train.num_steps=4",
-        "--gin.train.fid_every=4",
-        "--gin.train.fid_num_samples=12",
-        "--gin.train.fid_batch_size=8",
-        f"--gin.train.fid_stats='{stats}'",
+        "--gin.FIDConfig.every=4",
+        "--gin.FIDConfig.num_samples=12",
+        "--gin.FIDConfig.batch_size=8",
+        f"--gin.FIDConfig.stats='{stats}'",
         "--gin.WandbConfig.mode='offline'",
     ]
     r = run_trainer(args, env=env)

@@ -36,7 +36,7 @@ BASE = [
     "gin/smoke.gin",
     f"--gin.train.num_steps={STEPS}",
     "--gin.train.curriculum_steps=8",
-    "--gin.train.eval_every=0",
+    "--gin.EvalConfig.every=0",
 ]
 FSDP = [
     "--gin.make_mesh.fsdp=4",
@@ -172,7 +172,7 @@ def runs(repo, tmp_path_factory) -> dict[str, Run]:
     launches["2x4"].kill_at_line = rf"\[p0\] \[#*-*\] {STEPS + 1}/"
     # FSDP across two processes, with the sampler and sample grids on (EMA params sharded).
     launches["2x4_fsdp"] = Launch(
-        repo, str(work / "2x4_fsdp"), 2, 4, [*BASE, *FSDP, "--gin.train.eval_every=4"]
+        repo, str(work / "2x4_fsdp"), 2, 4, [*BASE, *FSDP, "--gin.EvalConfig.every=4"]
     )
     deadline = time.monotonic() + 900
     results = {name: launch.result(deadline) for name, launch in launches.items()}

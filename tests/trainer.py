@@ -10,7 +10,7 @@ import sys
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 # Fast settings for the smoke config: no sample grids, no checkpoints unless asked.
-QUIET = ["--gin.train.eval_every=0", "--gin.CheckpointConfig.save_every=100000"]
+QUIET = ["--gin.EvalConfig.every=0", "--gin.CheckpointConfig.save_every=100000"]
 
 
 def run_trainer(args: list[str], *, timeout: float = 600, env: dict | None = None):

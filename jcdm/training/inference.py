@@ -21,6 +21,7 @@ import numpy as np
 
 from jcdm.runtime import checkpoint as ckpt_lib
 from jcdm.runtime import reporting
+from jcdm.training import evaluation
 from jcdm.training import sampler as sampler_lib
 from jcdm.training import train as train_lib
 
@@ -46,10 +47,14 @@ def inference(
     largest k) is given. `head_sampler_steps` > 0 also samples the score head with EDM's Heun
     sampler (2n - 1 evaluations).
     """
-    seed_ = int(gin.query_parameter("train.seed")) if _bound("train.seed") else 0
-    gbs = int(gin.query_parameter("train.global_batch_size"))
+    # Only the networks, shardings and the data's image shape are used: any batch that divides
+    # the devices does, and the parameters come from the checkpoint.
     built = train_lib.build(
-        global_batch_size=gbs, seed=seed_, total_steps=1, ema_decay=0.0, compile_update=False
+        global_batch_size=jax.device_count(),
+        seed=0,
+        total_steps=1,
+        ema_decay=0.0,
+        compile_update=False,
     )
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     steps = checkpointer.all_steps()
@@ -70,7 +75,7 @@ def inference(
     results: dict = {"step": step, "num_samples": num_samples}
     fid_eval = None
     if fid_stats:
-        fid_eval = sampler_lib.FIDEvaluator(
+        fid_eval = evaluation.FIDEvaluator(
             sampler, stats_path=fid_stats, num_samples=num_samples, batch_size=batch_size
         )
     for k in sampler_steps:
@@ -105,21 +110,13 @@ def inference(
     return results
 
 
-def _bound(name: str) -> bool:
-    try:
-        gin.query_parameter(name)
-        return True
-    except ValueError:
-        return False
-
-
 def _choose_step(checkpointer, steps: list[int], choice) -> int:
     if choice == "latest":
         return steps[-1]
     if choice == "best":
         best = checkpointer.best_step()
         if best is None:
-            raise ValueError("no checkpoint stores fid_1step; train with train.fid_every > 0")
+            raise ValueError("no checkpoint stores fid_1step; train with FIDConfig.every > 0")
         return best
     if int(choice) not in steps:
         raise ValueError(f"no checkpoint at step {choice}; have {steps}")
@@ -132,7 +129,7 @@ def _intermediate(k: int, given, cfg) -> tuple[float, ...]:
     if given is not None and len(given) == k - 1:
         return tuple(float(s) for s in given)
     if k == 2:
-        return (float(gin.query_parameter("train.two_step_sigma")),)
+        return (evaluation.EvalConfig().two_step_sigma,)
     from jcdm.ict.schedules import karras_sigmas
 
     grid = np.asarray(karras_sigmas(k + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho))[::-1]

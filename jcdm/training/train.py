@@ -28,6 +28,7 @@ from jcdm.runtime import checkpoint as ckpt_lib
 from jcdm.runtime import mesh as mesh_lib
 from jcdm.runtime import preemption as preemption_lib
 from jcdm.runtime import reporting
+from jcdm.training import evaluation
 from jcdm.training import sampler as sampler_lib
 from jcdm.training import step as step_lib
 
@@ -224,33 +225,22 @@ def train(
     steps_per_call: int = 1,
     unroll_steps: bool = False,
     log_every: int = 100,
-    eval_every: int = 1000,
-    num_grid_samples: int = 64,
-    two_step_sigma: float = 0.821,
-    fid_every: int = 0,
-    fid_num_samples: int = 50_000,
-    fid_batch_size: int = 500,
-    fid_stats: str | None = None,
     nan_at_step: int = -1,
 ) -> int:
     """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
 
     `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
     `steps_per_call` updates run inside one compiled call (a scan; `unroll_steps` unrolls it, for
-    XLA:CPU, where a loop body's convolutions are slow). `eval_every = 0` turns sample
-    grids off. Every `fid_every` steps (0: never) FID of 1- and 2-step samples against the
-    statistics file `fid_stats` (tools/fid_stats.py) is logged as fid_1step / fid_2step.
-    `nan_at_step` is a test hook that poisons the loss at that step.
+    XLA:CPU, where a loop body's convolutions are slow). Sample grids and FID follow
+    `EvalConfig` / `FIDConfig`, saves `CheckpointConfig`. `nan_at_step` is a test hook that
+    poisons the loss at that step.
     """
-    if fid_every and not fid_stats:
-        raise ValueError(
-            "train.fid_every > 0 needs train.fid_stats (make it with tools/fid_stats.py)"
-        )
-    if log_every < 1 or eval_every < 0 or steps_per_call < 1:
-        raise ValueError("train needs log_every >= 1, eval_every >= 0 and steps_per_call >= 1")
+    if log_every < 1 or steps_per_call < 1:
+        raise ValueError("train needs log_every >= 1 and steps_per_call >= 1")
     is_main = jax.process_index() == 0
     owns_watcher = preemption_lib.active() is None  # jcdm.main installs it before startup
     preemption = preemption_lib.install()
+    eval_cfg, fid_cfg = evaluation.EvalConfig(), evaluation.FIDConfig()  # errors before compiling
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a bucket URL
     built = build(
         global_batch_size=global_batch_size,
@@ -261,7 +251,7 @@ def train(
         unroll_steps=unroll_steps,
         nan_at_step=nan_at_step,
     )
-    data_it, compile_s = built.data_it, built.compile_s
+    data_it = built.data_it
 
     # --- Checkpoint ------------------------------------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -269,58 +259,39 @@ def train(
     start_step = int(state.step)
 
     # --- Eval ------------------------------------------------------------------------------
-    sampler = sampler_lib.Sampler(
-        built.networks,
-        built.cfg,
-        built.mesh,
-        built.state_sh.ema_params,
-        built.image_shape,
-        two_step_sigma=two_step_sigma,
-    )
-    run_id = run_id or _persistent_run_id(workdir)
     reporter = reporting.Reporter(
         workdir,
         enabled=is_main,
         num_steps=num_steps,
-        run_id=run_id,
+        run_id=run_id or _persistent_run_id(workdir),
         wandb_cfg=reporting.WandbConfig(),
         config_text=gin.config_str(),
         resume_step=start_step,
     )
     if is_main:
         (epath.Path(workdir) / "config.gin").write_text(gin.operative_config_str())
-
-    fid_eval = None
-    if fid_every:
-        fid_eval = sampler_lib.FIDEvaluator(
-            sampler, stats_path=fid_stats, num_samples=fid_num_samples, batch_size=fid_batch_size
-        )
-
-    def evaluate(step: int) -> None:
-        for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,))):
-            images = sampler.sample(state.ema_params, num_grid_samples, sigmas, seed=seed)
-            reporter.save_grid(step, tag, images)
-
-    def measure_fid(step: int) -> dict:
-        t0 = time.perf_counter()
-        out = {
-            f"fid_{tag}": fid_eval(state.ema_params, sigmas, seed=seed + 1)
-            for tag, sigmas in (("1step", ()), ("2step", (two_step_sigma,)))
-        }
-        out["fid_seconds"] = time.perf_counter() - t0
-        reporter.write_metrics(step, out)
-        log.info("step %d: FID 1-step %.3f, 2-step %.3f", step, out["fid_1step"], out["fid_2step"])
-        return out
+    sampler = sampler_lib.Sampler(
+        built.networks,
+        built.cfg,
+        built.mesh,
+        built.state_sh.ema_params,
+        built.image_shape,
+        two_step_sigma=eval_cfg.two_step_sigma,
+    )
+    evaluator = evaluation.PeriodicEval(
+        sampler, reporter, seed=seed, stride=steps_per_call, cfg=eval_cfg, fid_cfg=fid_cfg
+    )
 
     # --- Loop ------------------------------------------------------------------------------
     step = start_step
     window_t, window_step = time.perf_counter(), step
     clock = reporting.Stopwatch()
-    last_metrics: dict = {"compile_s": compile_s}
-    fid_metrics: dict = {}  # kept apart so later rows do not repeat a stale FID
+    last_metrics: dict = {"compile_s": built.compile_s}
 
-    def due(every: int) -> bool:  # crossed a multiple of `every` during the last call
-        return every > 0 and step // every > (step - steps_per_call) // every
+    def save(step: int) -> None:  # every save: regular, final and preemption
+        _check_finite(state, step)
+        metrics = {**last_metrics, **evaluator.fid_metrics}
+        checkpointer.save(step, state, data_it, force=True, metrics=metrics)
 
     try:
         while step < num_steps:
@@ -330,7 +301,7 @@ def train(
             step += steps_per_call
             final = step >= num_steps
 
-            if due(log_every) or final:
+            if final or evaluation.crossed(step, log_every, steps_per_call):
                 m = jax.device_get(metrics)
                 _check_finite(state, step)
                 now = time.perf_counter()
@@ -341,23 +312,14 @@ def train(
                 last_metrics.pop("compile_s", None)
                 reporter.progress(step, float(m["loss"]), ips, clock.elapsed())
             # After logging, so the step's metrics row exists and is stored with the checkpoint;
-            # at the final step the regular final save below does the job.
+            # at the final step the final save below does the job.
             if not final and preemption.should_stop():
-                _check_finite(state, step)
-                checkpointer.save(
-                    step, state, data_it, force=True, metrics={**last_metrics, **fid_metrics}
-                )
+                save(step)
                 checkpointer.wait()
                 raise Preempted(step)
-            if due(eval_every) or (eval_every and final):
-                evaluate(step)
-            if due(fid_every) or (fid_every and final):
-                fid_metrics = measure_fid(step)
-            if due(checkpointer.cfg.save_every) or final:
-                _check_finite(state, step)
-                checkpointer.save(
-                    step, state, data_it, force=True, metrics={**last_metrics, **fid_metrics}
-                )
+            evaluator.maybe_run(step, state.ema_params, final=final)
+            if final or evaluation.crossed(step, checkpointer.cfg.save_every, steps_per_call):
+                save(step)
         checkpointer.wait()
     finally:
         checkpointer.close()
