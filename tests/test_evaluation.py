@@ -7,7 +7,7 @@ from jcdm.training.evaluation import EvalConfig, FIDConfig, crossed
 
 def test_crossed_fires_once_per_multiple_whatever_the_stride():
     for stride in (1, 3, 4):
-        steps = range(stride, 41, stride)
+        steps = range(stride, 40 + stride, stride)
         fired = [s for s in steps if crossed(s, 10, stride)]
         assert len(fired) == 4, (stride, fired)
         # each firing is the first call at or past the multiple
