@@ -79,11 +79,21 @@ def dense(
     )(x)
 
 
-def group_norm(x: jax.Array, name: str | None = None) -> jax.Array:
-    """GroupNorm with min(C // 4, 32) groups (NCSN++), statistics in float32, output in x.dtype."""
+def group_norm(x: jax.Array, name: str | None = None, groups: int | None = None) -> jax.Array:
+    """GroupNorm, statistics in float32, output in x.dtype.
+
+    ``groups`` None: min(C // 4, 32) groups (NCSN++); the reference's score head always uses 32
+    (Flax's default), the same count whenever C >= 128 (docs/recipe.md section 2).
+    """
     c = x.shape[-1]
+    groups = min(c // 4, 32) if groups is None else groups
+    if groups < 1 or c % groups:
+        raise ValueError(
+            f"GroupNorm: {c} channels do not split into {groups} groups; choose a group count "
+            "that divides the channel count (e.g. ScoreHead.norm_groups = None)"
+        )
     y = nn.GroupNorm(
-        num_groups=min(c // 4, 32),
+        num_groups=groups,
         epsilon=1e-6,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -146,12 +156,13 @@ class AttnBlock(nn.Module):
 
     skip_rescale: bool = True
     init_scale: float = 0.0
+    norm_groups: int | None = None  # None: min(C // 4, 32) (see group_norm)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
-        h = group_norm(x)
+        h = group_norm(x, groups=self.norm_groups)
         qkv = nn.Dense(
             3 * c,
             kernel_init=_stacked_init(3, 0.1),
@@ -173,7 +184,10 @@ class ResBlockBigGAN(nn.Module):
 
     GN-swish-[resample]-conv3x3 (+ Dense(swish(temb))) - GN-swish-dropout-conv3x3(init_scale);
     the shortcut is resampled and 1x1-projected when the shape changes. Dropout draws from the
-    'dropout' rng and is active only when ``train``.
+    'dropout' rng and is active only when ``train``. ``temb_act=False`` adds Dense(temb) instead:
+    the score head's blocks, whose embedding is already a linear layer's output meant to be used
+    as is (the reference's EDM ``UNetBlock``, model/unetpp.py L195; docs/recipe.md section 2).
+    ``norm_groups``: see `group_norm`.
     """
 
     out_ch: int | None = None
@@ -184,13 +198,15 @@ class ResBlockBigGAN(nn.Module):
     fir_impl: str = "separable"  # jcdm.models.fir.IMPLS: same values, different kernels
     skip_rescale: bool = True
     init_scale: float = 0.0
+    temb_act: bool = True
+    norm_groups: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None, train: bool) -> jax.Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
-        h = nn.silu(group_norm(x))
+        h = nn.silu(group_norm(x, groups=self.norm_groups))
         k, impl = self.fir_kernel, self.fir_impl
         if self.up:
             h = fir.upsample_2d(h, k, impl=impl)
@@ -200,8 +216,9 @@ class ResBlockBigGAN(nn.Module):
             x = fir.downsample_2d(x, k, impl=impl)
         h = conv(h, out_ch, dtype=self.dtype)
         if temb is not None:
-            h = h + dense(nn.silu(temb), out_ch, dtype=self.dtype)[:, None, None, :]
-        h = nn.silu(group_norm(h))
+            emb = nn.silu(temb) if self.temb_act else temb
+            h = h + dense(emb, out_ch, dtype=self.dtype)[:, None, None, :]
+        h = nn.silu(group_norm(h, groups=self.norm_groups))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
         if c != out_ch or self.up or self.down:

@@ -45,8 +45,9 @@ class NCSNpp(nn.Module):
       c_noise: [B] noise conditioning, ln(sigma) / 4, fed straight to the Fourier embedding.
     Returns ``(out, temb, feat)``: out [B, H, W, out_channels] float32 (raw F, before c_skip /
     c_out); temb [B, 4 nf] the embedding-MLP output that conditions every block (512-d at the CIFAR
-    config); feat [B, H, W, nf * ch_mult[0]] the last feature map before the output
-    GroupNorm/swish/conv (32x32x256 at the CIFAR config). temb and feat are in ``dtype``.
+    config); feat [B, H, W, nf * ch_mult[0]] the input of the output conv,
+    silu(GroupNorm(h)) of the last block's activations h (32x32x256 at the CIFAR config; h itself
+    with progressive='output_skip', which has no output conv). temb and feat are in ``dtype``.
     """
 
     nf: int = 128
@@ -191,13 +192,14 @@ class NCSNpp(nn.Module):
                 h = resample(h, "up")
         assert not hs, "every skip connection must be consumed"
 
-        feat = h
         if self.progressive == "output_skip":
-            out = pyramid
+            # No output conv: the pyramid is the output, the head sees the last activations.
+            out, feat = pyramid, h
         else:
-            out = conv(
-                nn.silu(group_norm(h)), self.out_channels, init_scale=self.init_scale, dtype=dt
-            )
+            # The head's feature is the output conv's input silu(GroupNorm(h)), as in the
+            # reference (last_x_emb, model/ct/ncsnpp.py L252-253; docs/recipe.md section 2).
+            feat = nn.silu(group_norm(h))
+            out = conv(feat, self.out_channels, init_scale=self.init_scale, dtype=dt)
         return out.astype(jnp.float32), temb, feat
 
     def _output_pyramid(
