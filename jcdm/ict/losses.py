@@ -57,6 +57,19 @@ def weighted_mse(d: jax.Array, x: jax.Array, weight: jax.Array) -> jax.Array:
     return weight * jnp.mean(err**2, axis=-1)
 
 
+def ema_decay_at(step, decay: float, warmup_steps: int = 0) -> jax.Array:
+    """The EMA decay of update `step` (0-based: the update after which `step + 1` have been made):
+    0 for the first `warmup_steps` updates, so the average restarts from the parameters after
+    update `warmup_steps`, then `decay`.
+
+    The reference's EMA (utils/ema/default_ema.py L43-46, update_after_step = 1) uses decay 0
+    while max(n - 2, 0) <= 0, n = the optimizer's gradient_step after the update
+    (framework/diffusion/consistency_framework.py L297-303): its first 2 updates, i.e.
+    warmup_steps = 2 (docs/recipe.md section 3). warmup_steps = 0 is the plain EMA of iCT.
+    """
+    return jnp.where(jnp.asarray(step) < warmup_steps, 0.0, decay).astype(jnp.float32)
+
+
 def ema_update(ema, params, decay: float):
     """ema <- decay * ema + (1 - decay) * params, leaf by leaf (RECIPE.md: decay 0.99993)."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
