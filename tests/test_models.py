@@ -1,4 +1,4 @@
-"""Tests of jcdm.models: NCSN++ backbone, score head, FIR resampling (RECIPE.md sections 1-2).
+"""Tests of jcdm.models: NCSN++ backbone, score head, FIR resampling (docs/recipe.md sections 1-2).
 
 XLA:CPU compiles random-number ops and backward passes slowly (seconds each), so: big configs are
 only traced (jax.eval_shape); the real ``init`` and the dropout checks share one jitted call on a

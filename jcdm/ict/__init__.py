@@ -1,4 +1,4 @@
-"""`jcdm.ict`: the documented namespace of the method's math (RECIPE.md).
+"""`jcdm.ict`: the documented namespace of the method's math (docs/recipe.md).
 
 Researchers import the schedule, parameterisation, loss and sampler functions from here::
 

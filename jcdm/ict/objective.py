@@ -1,7 +1,7 @@
 """The joint objective: iCT consistency loss plus the score head's denoising loss.
 
-RECIPE.md sections 1 and 2. The networks enter as two apply functions, so this module holds the
-math alone; `jcdm.training.train` binds them to Flax modules, parameters and a mesh.
+docs/recipe.md sections 1 and 2. The networks enter as two apply functions, so this module holds
+the math alone; `jcdm.training.train` binds them to Flax modules, parameters and a mesh.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ HeadApply = Callable[..., jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class ICTConfig:
-    """The method's hyper-parameters; defaults are the paper's CIFAR-10 recipe (RECIPE.md)."""
+    """The method's hyper-parameters; defaults are the paper's CIFAR-10 recipe (docs/recipe.md)."""
 
     sigma_min: float = schedules.SIGMA_MIN
     sigma_max: float = schedules.SIGMA_MAX
@@ -70,7 +70,7 @@ def consistency_fn(
 def head_denoiser(
     head: HeadApply, params, x, sigma, f, feat, temb, cfg: ICTConfig, dropout_key=None
 ) -> jax.Array:
-    """The score head's denoiser D(x_sigma, sigma) (RECIPE.md section 2).
+    """The score head's denoiser D(x_sigma, sigma) (docs/recipe.md section 2).
 
     Inputs: c_in x, c_noise, c_in * stop_gradient(f(x, sigma)), and the backbone's feature map and
     time embedding (layer-normalised inside the head). head_precond "cm" (default): the

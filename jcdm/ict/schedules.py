@@ -1,4 +1,4 @@
-"""Noise schedules of improved consistency training (RECIPE.md section 1).
+"""Noise schedules of improved consistency training (docs/recipe.md section 1).
 
 Pure functions of jax.numpy; nothing here knows about meshes, data or checkpoints.
 Indices follow the paper's 1-based i = 1..N in docstrings; arrays are 0-based, so array element
@@ -36,7 +36,7 @@ def karras_sigma(j, n, *, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
 def karras_sigmas(
     n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> jax.Array:
-    """The Karras grid sigma_1 < ... < sigma_N (ascending, length n; RECIPE.md section 1)."""
+    """The Karras grid sigma_1 < ... < sigma_N (ascending, length n; docs/recipe.md section 1)."""
     if n < 2:
         raise ValueError(f"a Karras grid needs n >= 2 points, got n={n}")
     s = karras_sigma(jnp.arange(n), n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -51,7 +51,8 @@ def curriculum_period(total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1
 
 
 def num_scales(step, total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1):
-    """Discretisation curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 (iCT, RECIPE.md section 1).
+    """Discretisation curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 (iCT; docs/recipe.md
+    section 1).
 
     `step` may be a Python int (returns int) or a traced integer array (returns int32).
     """

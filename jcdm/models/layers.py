@@ -1,4 +1,4 @@
-"""Building blocks shared by NCSN++ and the score head (RECIPE.md sections 1 and 2).
+"""Building blocks shared by NCSN++ and the score head (docs/recipe.md sections 1 and 2).
 
 Layer definitions follow NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
 appendix H) as used by iCT (Song & Dhariwal 2023): DDPM initialisation (variance scaling, fan_avg,
@@ -121,7 +121,7 @@ def _stacked_init(n: int, scale: float) -> nn.initializers.Initializer:
 class GaussianFourierEmbedding(nn.Module):
     """Fourier features [sin(2 pi W c), cos(2 pi W c)], W ~ N(0, scale^2) frozen (NCSN++).
 
-    iCT uses scale 0.02 (not 16) because c_noise = ln(sigma)/4 is O(1) (RECIPE.md section 1).
+    iCT uses scale 0.02 (not 16) because c_noise = ln(sigma)/4 is O(1) (docs/recipe.md section 1).
     """
 
     embedding_size: int = 128

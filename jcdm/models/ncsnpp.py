@@ -1,4 +1,4 @@
-"""NCSN++ backbone F(c_in x, c_noise) of the consistency model (RECIPE.md section 1, "network").
+"""NCSN++ backbone F(c_in x, c_noise) of the consistency model (docs/recipe.md section 1).
 
 Architecture of Song et al. 2021 ("Score-Based Generative Modeling through SDEs", appendix H) in
 the iCT CIFAR-10 configuration (Song & Dhariwal 2023, appendix): 128 base channels, ch_mult

@@ -1,4 +1,4 @@
-"""Score head: a small U-Net denoiser on top of the NCSN++ backbone (RECIPE.md section 2).
+"""Score head: a small U-Net denoiser on top of the NCSN++ backbone (docs/recipe.md section 2).
 
 The head is the reference project's (``UNetppHead`` inside ``ScoreDistillPrecond``,
 boingkiri/joint_training b3bc451, model/unetpp.py L480-518 and L875-921). It returns the raw
