@@ -27,6 +27,17 @@ Dtype = Any
 _INV_SQRT2 = float(1.0 / np.sqrt(2.0))
 
 
+def as_dtype(dtype: Dtype) -> jnp.dtype:
+    """A module's compute dtype; strings allowed, so a .gin file can say `dtype = 'bfloat16'`."""
+    return jnp.dtype(dtype)
+
+
+def residual(x: jax.Array, h: jax.Array, skip_rescale: bool) -> jax.Array:
+    """x + h, scaled by 1/sqrt(2) with ``skip_rescale`` (NCSN++) to keep the variance of a sum
+    of two unit-variance branches at one."""
+    return (x + h) * _INV_SQRT2 if skip_rescale else x + h
+
+
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     """DDPM initialiser; ``scale == 0`` gives exact zeros (NCSN++ ``init_scale = 0``).
 
@@ -176,7 +187,7 @@ class AttnBlock(nn.Module):
         attn = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)
         h = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, hgt, wid, c)
         h = dense(h, c, init_scale=self.init_scale, dtype=self.dtype, name="proj")
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class ResBlockBigGAN(nn.Module):
@@ -223,7 +234,7 @@ class ResBlockBigGAN(nn.Module):
         h = conv(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
         if c != out_ch or self.up or self.down:
             x = conv(x, out_ch, kernel=1, dtype=self.dtype)
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class ResBlockDDPM(nn.Module):
@@ -251,7 +262,7 @@ class ResBlockDDPM(nn.Module):
         h = conv(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
         if c != out_ch:
             x = dense(x, out_ch, init_scale=0.1, dtype=self.dtype, name="nin")
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class FIRConv(nn.Module):

@@ -23,16 +23,17 @@ import jax.numpy as jnp
 
 from jcdm.models import fir
 from jcdm.models.layers import (
-    _INV_SQRT2,
     AttnBlock,
     FIRConv,
     GaussianFourierEmbedding,
     ResBlockBigGAN,
     ResBlockDDPM,
+    as_dtype,
     conv,
     dense,
     group_norm,
     positional_embedding,
+    residual,
 )
 
 
@@ -71,8 +72,7 @@ class NCSNpp(nn.Module):
 
     @property
     def _dt(self) -> jnp.dtype:
-        # Accept strings so a .gin file can say `dtype = 'bfloat16'`.
-        return jnp.dtype(self.dtype)
+        return as_dtype(self.dtype)
 
     def _check(self, x: jax.Array) -> None:
         if self.resblock_type not in ("biggan", "ddpm"):
@@ -143,9 +143,6 @@ class NCSNpp(nn.Module):
                 return block(h, **{mode: True})
             return FIRConv(h.shape[-1], mode, fir_kernel=k, fir_impl=impl, dtype=dt)(h)
 
-        def merge(a, b):
-            return (a + b) * _INV_SQRT2 if self.skip_rescale else a + b
-
         x = x.astype(dt)
         # ---- Downsampling path; hs holds every skip connection for the decoder.
         pyramid_in = x
@@ -169,7 +166,7 @@ class NCSNpp(nn.Module):
                     pyramid_in = FIRConv(
                         h.shape[-1], "down", fir_kernel=k, fir_impl=impl, dtype=dt
                     )(pyramid_in)
-                    h = pyramid_in = merge(pyramid_in, h)
+                    h = pyramid_in = residual(pyramid_in, h, self.skip_rescale)
                 hs.append(h)
 
         h = hs[-1]
@@ -218,5 +215,5 @@ class NCSNpp(nn.Module):
         pyramid = FIRConv(h.shape[-1], "up", fir_kernel=k, fir_impl=self.fir_impl, dtype=dt)(
             pyramid
         )
-        pyramid = (pyramid + h) * _INV_SQRT2 if self.skip_rescale else pyramid + h
+        pyramid = residual(pyramid, h, self.skip_rescale)
         return pyramid, pyramid

@@ -43,6 +43,7 @@ from jcdm.models.layers import (
     AttnBlock,
     GaussianFourierEmbedding,
     ResBlockBigGAN,
+    as_dtype,
     conv,
     dense,
     group_norm,
@@ -80,8 +81,7 @@ class ScoreHead(nn.Module):
 
     @property
     def _dt(self) -> jnp.dtype:
-        # Accept strings so a .gin file can say `dtype = 'bfloat16'`.
-        return jnp.dtype(self.dtype)
+        return as_dtype(self.dtype)
 
     def _embed(self, c_noise: jax.Array, temb: jax.Array) -> jax.Array:
         if self.embedding_type == "positional":
