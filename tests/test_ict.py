@@ -1,4 +1,4 @@
-"""The method's formulas against hand-computed values (RECIPE.md section 1)."""
+"""The method's formulas against hand-computed values (docs/recipe.md section 1)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Gradient routing of the joint objective with the real (tiny) networks (RECIPE.md section 2)."""
+"""Gradient routing of the joint objective with the real (tiny) networks (docs/recipe.md
+section 2)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""`jcdm.ict`: the documented namespace of the method's math (RECIPE.md).
+"""`jcdm.ict`: the documented namespace of the method's math (docs/recipe.md).
 
 Researchers import the schedule, parameterisation, loss and sampler functions from here::
 
@@ -16,6 +16,7 @@ from jcdm.ict.losses import (
     consistency_weight,
     default_huber_c,
     edm_weight,
+    ema_decay_at,
     ema_update,
     pseudo_huber,
     pseudo_huber_per_pixel,
@@ -48,6 +49,7 @@ __all__ = [
     "edm_heun_sample",
     "edm_scalings",
     "edm_weight",
+    "ema_decay_at",
     "ema_update",
     "head_denoiser",
     "index_logits",

@@ -1,4 +1,4 @@
-"""Loss terms and weights (RECIPE.md sections 1-3).
+"""Loss terms and weights (docs/recipe.md sections 1-3).
 
 All functions take and return per-sample values ([B]) unless stated; the objective averages.
 """
@@ -35,7 +35,7 @@ def pseudo_huber(a: jax.Array, b: jax.Array, c: float | None = None) -> jax.Arra
 def pseudo_huber_per_pixel(
     a: jax.Array, b: jax.Array, c: float = REFERENCE_PER_PIXEL_C
 ) -> jax.Array:
-    """The reference project's departure (RECIPE.md section 3): pseudo-Huber per element with
+    """The reference project's departure (docs/recipe.md section 3): pseudo-Huber per element with
     c = 0.003, averaged over the image. Kept selectable; not the default."""
     diff = (a - b).astype(jnp.float32).reshape(a.shape[0], -1)
     return jnp.mean(jnp.sqrt(diff**2 + c**2) - c, axis=-1)
@@ -57,6 +57,20 @@ def weighted_mse(d: jax.Array, x: jax.Array, weight: jax.Array) -> jax.Array:
     return weight * jnp.mean(err**2, axis=-1)
 
 
+def ema_decay_at(step, decay: float, warmup_steps: int = 0) -> jax.Array:
+    """The EMA decay of update `step` (0-based: the update after which `step + 1` have been made):
+    0 for the first `warmup_steps` updates, so the average restarts from the parameters after
+    update `warmup_steps`, then `decay`.
+
+    The reference's EMA (utils/ema/default_ema.py L43-46, update_after_step = 1) uses decay 0
+    while max(n - 2, 0) <= 0, n = the optimizer's gradient_step after the update
+    (framework/diffusion/consistency_framework.py L297-303): its first 2 updates, i.e.
+    warmup_steps = 2 (docs/recipe.md section 3). warmup_steps = 0 is the plain EMA of iCT.
+    """
+    return jnp.where(jnp.asarray(step) < warmup_steps, 0.0, decay).astype(jnp.float32)
+
+
 def ema_update(ema, params, decay: float):
-    """ema <- decay * ema + (1 - decay) * params, leaf by leaf (RECIPE.md: decay 0.99993)."""
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf (docs/recipe.md section 1:
+    decay 0.99993)."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -1,7 +1,7 @@
 """The joint objective: iCT consistency loss plus the score head's denoising loss.
 
-RECIPE.md sections 1 and 2. The networks enter as two apply functions, so this module holds the
-math alone; `jcdm.training.train` binds them to Flax modules, parameters and a mesh.
+docs/recipe.md sections 1 and 2. The networks enter as two apply functions, so this module holds
+the math alone; `jcdm.training.train` binds them to Flax modules, parameters and a mesh.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ HeadApply = Callable[..., jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class ICTConfig:
-    """The method's hyper-parameters; defaults are the paper's CIFAR-10 recipe (RECIPE.md)."""
+    """The method's hyper-parameters; defaults are the paper's CIFAR-10 recipe (docs/recipe.md)."""
 
     sigma_min: float = schedules.SIGMA_MIN
     sigma_max: float = schedules.SIGMA_MAX
@@ -41,7 +41,7 @@ class ICTConfig:
     huber_c: float | None = None  # None: 0.00054 sqrt(d) per sample; 0.003 for per-pixel
     head: str = "joint"  # "joint" | "vanilla" | "none"
     joint_weight: float = 0.3
-    head_precond: str = "edm"  # "cm" = the reference's consistency-style head scalings
+    head_precond: str = "cm"  # the reference's consistency-style scalings; "edm": EDM's
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -70,10 +70,13 @@ def consistency_fn(
 def head_denoiser(
     head: HeadApply, params, x, sigma, f, feat, temb, cfg: ICTConfig, dropout_key=None
 ) -> jax.Array:
-    """The score head's denoiser D(x_sigma, sigma) (RECIPE.md section 2).
+    """The score head's denoiser D(x_sigma, sigma) (docs/recipe.md section 2).
 
     Inputs: c_in x, c_noise, c_in * stop_gradient(f(x, sigma)), and the backbone's feature map and
-    time embedding (layer-normalised inside the head). EDM scalings by default.
+    time embedding (layer-normalised inside the head). head_precond "cm" (default): the
+    consistency-style scalings with c_skip(sigma_min) = 1, as the reference's
+    ``ScoreDistillPrecond`` (model/unetpp.py L899-902); "edm": EDM's (Karras et al. 2022,
+    Table 1), which differ by sigma_min = 0.002 in c_skip / c_out.
     """
     if cfg.head_precond == "edm":
         c_skip, c_out, c_in = parameterization.edm_scalings(sigma, cfg.sigma_data)

@@ -1,4 +1,4 @@
-"""Network parameterisations: consistency (iCT) and EDM denoiser (RECIPE.md sections 1 and 2).
+"""Network parameterisations: consistency (iCT) and EDM denoiser (docs/recipe.md sections 1 and 2).
 
 f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)).
 """

@@ -27,7 +27,7 @@ def consistency_sample(
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
 ) -> jax.Array:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; RECIPE.md section 1).
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; docs/recipe.md section 1).
 
     x = f(sigma_max z, sigma_max); then for each t: x_t = x + sqrt(t^2 - sigma_min^2) z',
     x = f(x_t, t). One step with no intermediate sigmas; (0.821,) gives iCT's 2-step sampler.

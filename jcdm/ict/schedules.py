@@ -1,4 +1,4 @@
-"""Noise schedules of improved consistency training (RECIPE.md section 1).
+"""Noise schedules of improved consistency training (docs/recipe.md section 1).
 
 Pure functions of jax.numpy; nothing here knows about meshes, data or checkpoints.
 Indices follow the paper's 1-based i = 1..N in docstrings; arrays are 0-based, so array element
@@ -36,7 +36,7 @@ def karras_sigma(j, n, *, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
 def karras_sigmas(
     n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> jax.Array:
-    """The Karras grid sigma_1 < ... < sigma_N (ascending, length n; RECIPE.md section 1)."""
+    """The Karras grid sigma_1 < ... < sigma_N (ascending, length n; docs/recipe.md section 1)."""
     if n < 2:
         raise ValueError(f"a Karras grid needs n >= 2 points, got n={n}")
     s = karras_sigma(jnp.arange(n), n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -51,7 +51,8 @@ def curriculum_period(total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1
 
 
 def num_scales(step, total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1):
-    """Discretisation curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 (iCT, RECIPE.md section 1).
+    """Discretisation curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 (iCT; docs/recipe.md
+    section 1).
 
     `step` may be a Python int (returns int) or a traced integer array (returns int32).
     """
@@ -63,8 +64,11 @@ def num_scales(step, total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1)
     return (jnp.minimum(s0 * 2 ** doublings.astype(jnp.int32), s1) + 1).astype(jnp.int32)
 
 
-def _lognormal_cdf_erf(sigma, p_mean: float, p_std: float):
-    return jax.scipy.special.erf((jnp.log(sigma) - p_mean) / (math.sqrt(2.0) * p_std))
+def _interval_masses(sigmas, p_mean: float, p_std: float):
+    """erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln sigma_i - P_mean) / (sqrt 2 P_std))
+    for consecutive grid points: twice the lognormal mass of [sigma_i, sigma_{i+1}]."""
+    e = jax.scipy.special.erf((jnp.log(sigmas) - p_mean) / (math.sqrt(2.0) * p_std))
+    return e[1:] - e[:-1]
 
 
 def index_probs(
@@ -81,8 +85,7 @@ def index_probs(
     - erf((ln sigma_i - P_mean) / (sqrt 2 P_std)).
     """
     s = karras_sigmas(n, sigma_min, sigma_max, rho)
-    e = _lognormal_cdf_erf(s, p_mean, p_std)
-    w = e[1:] - e[:-1]
+    w = _interval_masses(s, p_mean, p_std)
     return w / jnp.sum(w)
 
 
@@ -101,8 +104,7 @@ def index_logits(
     """
     j = jnp.arange(max_n)
     s = karras_sigma(j, n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    e = _lognormal_cdf_erf(s, p_mean, p_std)
-    w = e[1:] - e[:-1]
+    w = _interval_masses(s, p_mean, p_std)
     valid = jnp.arange(max_n - 1) < n - 1
     return jnp.where(valid, jnp.log(jnp.maximum(w, 1e-30)), -jnp.inf)
 

@@ -1,4 +1,5 @@
-"""Networks of jcdm: the NCSN++ consistency backbone and the score head (RECIPE.md sections 1-2).
+"""Networks of jcdm: the NCSN++ consistency backbone and the score head (docs/recipe.md
+sections 1-2).
 
 Both classes are gin configurables under the ``jcdm.models`` module, so a .gin file can say
 ``NCSNpp.nf = 128`` or ``ScoreHead.num_res_blocks = 1``; bindings apply to every construction,

@@ -1,4 +1,4 @@
-"""FIR resampling for NCSN++ (RECIPE.md section 1: "FIR kernel [1, 3, 3, 1] for up/down sampling").
+"""FIR resampling for NCSN++ (docs/recipe.md section 1: FIR [1, 3, 3, 1] resampling).
 
 These are NHWC re-implementations of the StyleGAN2 ``upfirdn2d`` family as used by NCSN++
 (Song et al. 2021, "Score-Based Generative Modeling through SDEs", appendix H; Karras et al. 2020,

@@ -1,4 +1,4 @@
-"""Building blocks shared by NCSN++ and the score head (RECIPE.md sections 1 and 2).
+"""Building blocks shared by NCSN++ and the score head (docs/recipe.md sections 1 and 2).
 
 Layer definitions follow NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
 appendix H) as used by iCT (Song & Dhariwal 2023): DDPM initialisation (variance scaling, fan_avg,
@@ -25,6 +25,17 @@ from jcdm.models import fir
 
 Dtype = Any
 _INV_SQRT2 = float(1.0 / np.sqrt(2.0))
+
+
+def as_dtype(dtype: Dtype) -> jnp.dtype:
+    """A module's compute dtype; strings allowed, so a .gin file can say `dtype = 'bfloat16'`."""
+    return jnp.dtype(dtype)
+
+
+def residual(x: jax.Array, h: jax.Array, skip_rescale: bool) -> jax.Array:
+    """x + h, scaled by 1/sqrt(2) with ``skip_rescale`` (NCSN++) to keep the variance of a sum
+    of two unit-variance branches at one."""
+    return (x + h) * _INV_SQRT2 if skip_rescale else x + h
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -79,11 +90,21 @@ def dense(
     )(x)
 
 
-def group_norm(x: jax.Array, name: str | None = None) -> jax.Array:
-    """GroupNorm with min(C // 4, 32) groups (NCSN++), statistics in float32, output in x.dtype."""
+def group_norm(x: jax.Array, name: str | None = None, groups: int | None = None) -> jax.Array:
+    """GroupNorm, statistics in float32, output in x.dtype.
+
+    ``groups`` None: min(C // 4, 32) groups (NCSN++); the reference's score head always uses 32
+    (Flax's default), the same count whenever C >= 128 (docs/recipe.md section 2).
+    """
     c = x.shape[-1]
+    groups = min(c // 4, 32) if groups is None else groups
+    if groups < 1 or c % groups:
+        raise ValueError(
+            f"GroupNorm: {c} channels do not split into {groups} groups; choose a group count "
+            "that divides the channel count (e.g. ScoreHead.norm_groups = None)"
+        )
     y = nn.GroupNorm(
-        num_groups=min(c // 4, 32),
+        num_groups=groups,
         epsilon=1e-6,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -111,7 +132,7 @@ def _stacked_init(n: int, scale: float) -> nn.initializers.Initializer:
 class GaussianFourierEmbedding(nn.Module):
     """Fourier features [sin(2 pi W c), cos(2 pi W c)], W ~ N(0, scale^2) frozen (NCSN++).
 
-    iCT uses scale 0.02 (not 16) because c_noise = ln(sigma)/4 is O(1) (RECIPE.md section 1).
+    iCT uses scale 0.02 (not 16) because c_noise = ln(sigma)/4 is O(1) (docs/recipe.md section 1).
     """
 
     embedding_size: int = 128
@@ -146,12 +167,13 @@ class AttnBlock(nn.Module):
 
     skip_rescale: bool = True
     init_scale: float = 0.0
+    norm_groups: int | None = None  # None: min(C // 4, 32) (see group_norm)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
-        h = group_norm(x)
+        h = group_norm(x, groups=self.norm_groups)
         qkv = nn.Dense(
             3 * c,
             kernel_init=_stacked_init(3, 0.1),
@@ -165,7 +187,7 @@ class AttnBlock(nn.Module):
         attn = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)
         h = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, hgt, wid, c)
         h = dense(h, c, init_scale=self.init_scale, dtype=self.dtype, name="proj")
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class ResBlockBigGAN(nn.Module):
@@ -173,7 +195,10 @@ class ResBlockBigGAN(nn.Module):
 
     GN-swish-[resample]-conv3x3 (+ Dense(swish(temb))) - GN-swish-dropout-conv3x3(init_scale);
     the shortcut is resampled and 1x1-projected when the shape changes. Dropout draws from the
-    'dropout' rng and is active only when ``train``.
+    'dropout' rng and is active only when ``train``. ``temb_act=False`` adds Dense(temb) instead:
+    the score head's blocks, whose embedding is already a linear layer's output meant to be used
+    as is (the reference's EDM ``UNetBlock``, model/unetpp.py L195; docs/recipe.md section 2).
+    ``norm_groups``: see `group_norm`.
     """
 
     out_ch: int | None = None
@@ -184,13 +209,15 @@ class ResBlockBigGAN(nn.Module):
     fir_impl: str = "separable"  # jcdm.models.fir.IMPLS: same values, different kernels
     skip_rescale: bool = True
     init_scale: float = 0.0
+    temb_act: bool = True
+    norm_groups: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None, train: bool) -> jax.Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
-        h = nn.silu(group_norm(x))
+        h = nn.silu(group_norm(x, groups=self.norm_groups))
         k, impl = self.fir_kernel, self.fir_impl
         if self.up:
             h = fir.upsample_2d(h, k, impl=impl)
@@ -200,13 +227,14 @@ class ResBlockBigGAN(nn.Module):
             x = fir.downsample_2d(x, k, impl=impl)
         h = conv(h, out_ch, dtype=self.dtype)
         if temb is not None:
-            h = h + dense(nn.silu(temb), out_ch, dtype=self.dtype)[:, None, None, :]
-        h = nn.silu(group_norm(h))
+            emb = nn.silu(temb) if self.temb_act else temb
+            h = h + dense(emb, out_ch, dtype=self.dtype)[:, None, None, :]
+        h = nn.silu(group_norm(h, groups=self.norm_groups))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
         if c != out_ch or self.up or self.down:
             x = conv(x, out_ch, kernel=1, dtype=self.dtype)
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class ResBlockDDPM(nn.Module):
@@ -234,7 +262,7 @@ class ResBlockDDPM(nn.Module):
         h = conv(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
         if c != out_ch:
             x = dense(x, out_ch, init_scale=0.1, dtype=self.dtype, name="nin")
-        return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+        return residual(x, h, self.skip_rescale)
 
 
 class FIRConv(nn.Module):

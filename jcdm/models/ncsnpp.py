@@ -1,4 +1,4 @@
-"""NCSN++ backbone F(c_in x, c_noise) of the consistency model (RECIPE.md section 1, "network").
+"""NCSN++ backbone F(c_in x, c_noise) of the consistency model (docs/recipe.md section 1).
 
 Architecture of Song et al. 2021 ("Score-Based Generative Modeling through SDEs", appendix H) in
 the iCT CIFAR-10 configuration (Song & Dhariwal 2023, appendix): 128 base channels, ch_mult
@@ -23,16 +23,17 @@ import jax.numpy as jnp
 
 from jcdm.models import fir
 from jcdm.models.layers import (
-    _INV_SQRT2,
     AttnBlock,
     FIRConv,
     GaussianFourierEmbedding,
     ResBlockBigGAN,
     ResBlockDDPM,
+    as_dtype,
     conv,
     dense,
     group_norm,
     positional_embedding,
+    residual,
 )
 
 
@@ -45,8 +46,9 @@ class NCSNpp(nn.Module):
       c_noise: [B] noise conditioning, ln(sigma) / 4, fed straight to the Fourier embedding.
     Returns ``(out, temb, feat)``: out [B, H, W, out_channels] float32 (raw F, before c_skip /
     c_out); temb [B, 4 nf] the embedding-MLP output that conditions every block (512-d at the CIFAR
-    config); feat [B, H, W, nf * ch_mult[0]] the last feature map before the output
-    GroupNorm/swish/conv (32x32x256 at the CIFAR config). temb and feat are in ``dtype``.
+    config); feat [B, H, W, nf * ch_mult[0]] the input of the output conv,
+    silu(GroupNorm(h)) of the last block's activations h (32x32x256 at the CIFAR config; h itself
+    with progressive='output_skip', which has no output conv). temb and feat are in ``dtype``.
     """
 
     nf: int = 128
@@ -70,8 +72,7 @@ class NCSNpp(nn.Module):
 
     @property
     def _dt(self) -> jnp.dtype:
-        # Accept strings so a .gin file can say `dtype = 'bfloat16'`.
-        return jnp.dtype(self.dtype)
+        return as_dtype(self.dtype)
 
     def _check(self, x: jax.Array) -> None:
         if self.resblock_type not in ("biggan", "ddpm"):
@@ -142,9 +143,6 @@ class NCSNpp(nn.Module):
                 return block(h, **{mode: True})
             return FIRConv(h.shape[-1], mode, fir_kernel=k, fir_impl=impl, dtype=dt)(h)
 
-        def merge(a, b):
-            return (a + b) * _INV_SQRT2 if self.skip_rescale else a + b
-
         x = x.astype(dt)
         # ---- Downsampling path; hs holds every skip connection for the decoder.
         pyramid_in = x
@@ -168,7 +166,7 @@ class NCSNpp(nn.Module):
                     pyramid_in = FIRConv(
                         h.shape[-1], "down", fir_kernel=k, fir_impl=impl, dtype=dt
                     )(pyramid_in)
-                    h = pyramid_in = merge(pyramid_in, h)
+                    h = pyramid_in = residual(pyramid_in, h, self.skip_rescale)
                 hs.append(h)
 
         h = hs[-1]
@@ -191,13 +189,14 @@ class NCSNpp(nn.Module):
                 h = resample(h, "up")
         assert not hs, "every skip connection must be consumed"
 
-        feat = h
         if self.progressive == "output_skip":
-            out = pyramid
+            # No output conv: the pyramid is the output, the head sees the last activations.
+            out, feat = pyramid, h
         else:
-            out = conv(
-                nn.silu(group_norm(h)), self.out_channels, init_scale=self.init_scale, dtype=dt
-            )
+            # The head's feature is the output conv's input silu(GroupNorm(h)), as in the
+            # reference (last_x_emb, model/ct/ncsnpp.py L252-253; docs/recipe.md section 2).
+            feat = nn.silu(group_norm(h))
+            out = conv(feat, self.out_channels, init_scale=self.init_scale, dtype=dt)
         return out.astype(jnp.float32), temb, feat
 
     def _output_pyramid(
@@ -216,5 +215,5 @@ class NCSNpp(nn.Module):
         pyramid = FIRConv(h.shape[-1], "up", fir_kernel=k, fir_impl=self.fir_impl, dtype=dt)(
             pyramid
         )
-        pyramid = (pyramid + h) * _INV_SQRT2 if self.skip_rescale else pyramid + h
+        pyramid = residual(pyramid, h, self.skip_rescale)
         return pyramid, pyramid

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 @gin.configurable(module="jcdm")
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Sample grids from the EMA parameters (docs/recipe.md, sampling).
+    """Sample grids from the EMA parameters (docs/recipe.md sections 1-2).
 
     `every`: steps between grids (0: none); each grid has `num_grid_samples` 1-step and 2-step
     samples, the 2-step sampler stopping at `two_step_sigma` (iCT: 0.821; the reference: 0.661).
@@ -50,8 +50,8 @@ class EvalConfig:
 @gin.configurable(module="jcdm")
 @dataclasses.dataclass(frozen=True)
 class FIDConfig:
-    """FID of 1- and 2-step samples during training (docs/recipe.md: 50,000 samples against the
-    CIFAR-10 train-set statistics made by tools/fid_stats.py).
+    """FID of 1- and 2-step samples during training (docs/recipe.md section 1: 50,000 samples
+    against the CIFAR-10 train-set statistics made by tools/fid_stats.py).
 
     `every`: steps between measurements (0: never); logged as fid_1step / fid_2step and stored
     with the checkpoints (`CheckpointConfig.keep_best_fid` ranks by it).
@@ -74,9 +74,9 @@ class FIDConfig:
 
 
 class FIDEvaluator:
-    """FID of consistency samples against reference statistics (RECIPE.md: 50,000 samples
-    against the CIFAR-10 train-set pool_3 statistics). Sampling and Inception both run sharded
-    over every device; only the 2048-d features reach the host."""
+    """FID of consistency samples against reference statistics (docs/recipe.md section 1:
+    50,000 samples against the CIFAR-10 train-set pool_3 statistics). Sampling and Inception
+    both run sharded over every device; only the 2048-d features reach the host."""
 
     def __init__(
         self,

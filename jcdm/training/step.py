@@ -12,12 +12,27 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import optax
 
 from jcdm.ict import objective
-from jcdm.ict.losses import ema_update
+from jcdm.ict.losses import ema_decay_at, ema_update
+
+
+@gin.configurable(module="jcdm")
+@dataclasses.dataclass(frozen=True)
+class EMAConfig:
+    """The evaluation EMA's warm-up: decay 0 for the first `warmup_steps` updates (the average
+    restarts from the parameters after them), then `train.ema_decay`. 0 = iCT's plain EMA; the
+    reference uses 2 (`jcdm.ict.losses.ema_decay_at`, docs/recipe.md section 3)."""
+
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ValueError(f"EMAConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @flax.struct.dataclass
@@ -96,6 +111,7 @@ def make_train_step(
     *,
     total_steps: int,
     ema_decay: float,
+    ema_warmup_steps: int | None = None,
     nan_at_step: int = -1,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """Return the un-jitted update: (state, images [B,H,W,C] in [-1, 1]) -> (state, metrics).
@@ -103,8 +119,11 @@ def make_train_step(
     A non-finite loss or gradient leaves the state untouched, records the step in
     `nonfinite_step` and freezes every later update; the host loop checks that field before each
     save and stops, so no broken state is ever checkpointed. `nan_at_step` injects a NaN into the
-    loss at that step (a test hook, set through gin).
+    loss at that step (a test hook, set through gin). `ema_warmup_steps` None: the gin-bound
+    `EMAConfig.warmup_steps`.
     """
+    if ema_warmup_steps is None:
+        ema_warmup_steps = EMAConfig().warmup_steps
     head = networks.head_apply if networks.head is not None else None
 
     def loss_fn(params, x, key, step):
@@ -129,7 +148,8 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, ema_decay)
+        decay = ema_decay_at(state.step, ema_decay, ema_warmup_steps)
+        ema = ema_update(state.ema_params, params, decay)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         ok = finite & (state.nonfinite_step < 0)

@@ -54,7 +54,7 @@ class NumericalError(RuntimeError):
 def make_optimizer(
     *, learning_rate: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> optax.GradientTransformation:
-    """RAdam, constant learning rate, no warmup or clipping (RECIPE.md section 1)."""
+    """RAdam, constant learning rate, no warmup or clipping (docs/recipe.md section 1)."""
     return optax.radam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
