@@ -7,7 +7,7 @@
 #
 # Submits infra/slurm/jcdm.sbatch, which starts one JAX process per node (or per GPU with
 # --per-gpu) through srun with jax.distributed settings, and requeues the job itself when the
-# trainer exits 75 (preempted after a checkpoint) or crashes (bounded); see infra/RUNBOOK.md.
+# trainer exits 75 (preempted after a checkpoint) or crashes (bounded); see docs/operations.md.
 set -euo pipefail
 
 INFRA_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

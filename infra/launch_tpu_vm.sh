@@ -8,7 +8,7 @@
 # their logs, and supervises: when the trainer exits 75 (checkpointed after a preemption notice) or
 # the VM is reclaimed, the VM is recreated and the same run id is relaunched, which resumes from the
 # last checkpoint in the workdir and continues the same W&B run. Exit 0 ends the loop; 2 and 3 are
-# never retried; other failures are retried --max-failures times in a row. See infra/RUNBOOK.md.
+# never retried; other failures are retried --max-failures times in a row. See docs/operations.md.
 set -euo pipefail
 
 INFRA_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
