@@ -7,7 +7,7 @@
 #
 # Submits infra/slurm/jcdm.sbatch, which starts one JAX process per node (or per GPU with
 # --per-gpu) through srun with jax.distributed settings, and requeues the job itself when the
-# trainer exits 75 (preempted after a checkpoint) or crashes (bounded); see infra/RUNBOOK.md.
+# trainer exits 75 (preempted after a checkpoint) or crashes (bounded); see docs/operations.md.
 set -euo pipefail
 
 INFRA_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,89 +32,47 @@ EOF
 }
 
 log() { printf '[launch-slurm] %s\n' "$*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 2
-}
-need_arg() { (($2 >= 2)) || die "option $1 needs a value"; }
-shquote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(shquote "$a")"; done
-  printf '%s' "$out"
-}
 
-GIN="" WORKDIR="" RUN_ID="" NODES=1 GPUS=8 LAYOUT=node DRY_RUN=0
-BINDINGS=() SBATCH_EXTRA=() USER_ENV=()
-while (($#)); do
+# shellcheck source-path=SCRIPTDIR source=lib/args.sh
+source "$INFRA_DIR/lib/args.sh"
+
+NODES=1 GPUS=8 LAYOUT=node SBATCH_EXTRA=()
+WANDB_MODE_=${WANDB_MODE:-} WANDB_PROJECT_=${WANDB_PROJECT:-} WANDB_ENTITY_=${WANDB_ENTITY:-}
+
+launcher_option() { # the SLURM-only options (lib/args.sh parses the shared ones)
   case $1 in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --gin.*=*) BINDINGS+=("${1#--gin.}") ;; # the trainer's short form --gin.KEY=VALUE
-    --*=*)
-      opt=${1%%=*} val=${1#*=}
-      shift
-      set -- "$opt" "$val" "$@"
-      continue
-      ;;
-    --gin) need_arg "$1" $# && GIN=$2 && shift ;;
-    -b | --gin_bindings | --gin-bindings) need_arg "$1" $# && BINDINGS+=("$2") && shift ;;
-    --workdir) need_arg "$1" $# && WORKDIR=$2 && shift ;;
-    --run-id | --run_id) need_arg "$1" $# && RUN_ID=$2 && shift ;;
-    --nodes) need_arg "$1" $# && NODES=$2 && shift ;;
-    --gpus-per-node) need_arg "$1" $# && GPUS=$2 && shift ;;
-    --per-gpu) LAYOUT=gpu ;;
-    --per-node) LAYOUT=node ;;
+    --nodes) need_arg "$1" $# && NODES=$2 && ARGS_USED=2 ;;
+    --gpus-per-node) need_arg "$1" $# && GPUS=$2 && ARGS_USED=2 ;;
+    --per-gpu) LAYOUT=gpu ARGS_USED=1 ;;
+    --per-node) LAYOUT=node ARGS_USED=1 ;;
     --partition | --account | --qos | --time)
-      need_arg "$1" $# && SBATCH_EXTRA+=("$1=$2") && shift
+      need_arg "$1" $# && SBATCH_EXTRA+=("$1=$2") && ARGS_USED=2
       ;;
-    --sbatch-flag) need_arg "$1" $# && SBATCH_EXTRA+=("$2") && shift ;;
-    --wandb-mode) need_arg "$1" $# && export WANDB_MODE=$2 && shift ;;
-    --wandb-project) need_arg "$1" $# && export WANDB_PROJECT=$2 && shift ;;
-    --wandb-entity) need_arg "$1" $# && export WANDB_ENTITY=$2 && shift ;;
-    --env) need_arg "$1" $# && USER_ENV+=("$2") && shift ;;
-    --dry-run) DRY_RUN=1 ;;
-    --)
-      shift
-      BINDINGS+=("$@")
-      break
-      ;;
-    -*) die "unknown option '$1' (bindings that start with '-' go after --)" ;;
-    *) BINDINGS+=("$1") ;;
+    --sbatch-flag) need_arg "$1" $# && SBATCH_EXTRA+=("$2") && ARGS_USED=2 ;;
   esac
-  shift
-done
+}
 
-[[ $GIN ]] || die "--gin FILE is required"
-[[ -f $GIN ]] || die "gin file '$GIN' does not exist"
-GIN_ABS=$(cd "$(dirname "$GIN")" && pwd)/$(basename "$GIN")
-[[ $GIN_ABS == "$REPO"/* ]] || die "gin file '$GIN' is not inside the repo $REPO"
-GIN_REL=${GIN_ABS#"$REPO"/}
-[[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes wants a positive number"
-[[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node wants a positive number"
-[[ $RUN_ID ]] || RUN_ID=slurm-$(date -u +%Y%m%d-%H%M%S)
-[[ $RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] || die "bad --run-id '$RUN_ID'"
-[[ $WORKDIR ]] || die "--workdir is required (a shared directory or gs://BUCKET/runs/$RUN_ID)"
+parse_args "$@"
+check_gin "$REPO"
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || usage_error "--nodes wants a positive number"
+[[ $GPUS =~ ^[1-9][0-9]*$ ]] || usage_error "--gpus-per-node wants a positive number"
+check_run_id slurm
+[[ $WORKDIR ]] ||
+  usage_error "--workdir is required (a shared directory or gs://BUCKET/runs/$RUN_ID)"
 PER_NODE=1
 [[ $LAYOUT == gpu ]] && PER_NODE=$GPUS
 if ((NODES * PER_NODE > 1)); then
   [[ $WORKDIR == gs://?* || $WORKDIR == /* ]] ||
-    die "workdir '$WORKDIR' must be gs://... or an absolute path shared by all nodes"
+    usage_error "workdir '$WORKDIR' must be gs://... or an absolute path shared by all nodes"
   [[ $WORKDIR != /tmp/* ]] || log "WARNING: $WORKDIR is usually node-local; use a shared path"
 fi
-for kv in "${USER_ENV[@]}"; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv' (want NAME=VALUE)"
-  export "${kv?}"
-done
-
-TRAINER_ARGS=(--gin "$GIN_REL" --workdir "$WORKDIR" --run_id "$RUN_ID")
-for b in "${BINDINGS[@]}"; do TRAINER_ARGS+=(--gin_bindings "$b"); done
+check_env
+# The batch script runs with --export=ALL: the trainer's environment is this one.
+for kv in "${USER_ENV[@]}"; do export "${kv?}"; done
+[[ -z $WANDB_MODE_ ]] || export WANDB_MODE=$WANDB_MODE_
+[[ -z $WANDB_PROJECT_ ]] || export WANDB_PROJECT=$WANDB_PROJECT_
+[[ -z $WANDB_ENTITY_ ]] || export WANDB_ENTITY=$WANDB_ENTITY_
+make_trainer_args
 
 OUT_DIR=$REPO/runs/slurm/$RUN_ID
 export JCDM_REPO=$REPO JCDM_SLURM_LAYOUT=$LAYOUT JCDM_GPUS_PER_NODE=$GPUS

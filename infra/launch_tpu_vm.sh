@@ -8,7 +8,7 @@
 # their logs, and supervises: when the trainer exits 75 (checkpointed after a preemption notice) or
 # the VM is reclaimed, the VM is recreated and the same run id is relaunched, which resumes from the
 # last checkpoint in the workdir and continues the same W&B run. Exit 0 ends the loop; 2 and 3 are
-# never retried; other failures are retried --max-failures times in a row. See infra/RUNBOOK.md.
+# never retried; other failures are retried --max-failures times in a row. See docs/operations.md.
 set -euo pipefail
 
 INFRA_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -81,21 +81,8 @@ die() { # die CODE MESSAGE
   exit "$code"
 }
 
-# Quote one word for a POSIX shell; words of safe characters are left bare.
-shquote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(shquote "$a")"; done
-  printf '%s' "$out"
-}
-
-need_arg() { (($2 >= 2)) || die 2 "option $1 needs a value"; }
+# shellcheck source-path=SCRIPTDIR source=lib/args.sh
+source "$INFRA_DIR/lib/args.sh" # shared options, need_arg, shquote, shjoin, usage_error
 
 sleep_s() { [[ $1 == 0 ]] || sleep "$1"; }
 
@@ -463,72 +450,53 @@ on_interrupt() {
 }
 
 # ------------------------------------------------------------------------------------- options
-GIN="" WORKDIR="" RUN_ID=${JCDM_RUN_ID:-} NAME=${JCDM_TPU_NAME:-} ZONE=${JCDM_ZONE:-us-central2-b}
+RUN_ID=${JCDM_RUN_ID:-} NAME=${JCDM_TPU_NAME:-} ZONE=${JCDM_ZONE:-us-central2-b}
 PROJECT=${JCDM_PROJECT:-} ACCEL=${JCDM_ACCELERATOR:-v4-8} RUNTIME="" PROVISIONING=spot QUEUED=""
 QR="" COMMIT=HEAD CODE=local REPO_URL="" EXTRAS=tpu MAX_FAILURES=5 ALLOW_DELETE=0
-DELETE_WHEN_DONE=0 BUCKET_CHECK=1 DRY_RUN=0 ACTION=train
+DELETE_WHEN_DONE=0 BUCKET_CHECK=1 ACTION=train
 WANDB_MODE_=${WANDB_MODE:-online} WANDB_PROJECT_=${WANDB_PROJECT:-} WANDB_ENTITY_=${WANDB_ENTITY:-}
-BINDINGS=() USER_ENV=() CREATE_FLAGS=() DATA=()
+CREATE_FLAGS=() DATA=()
 POLL_S=${JCDM_POLL_S:-30} BACKOFF_S=${JCDM_BACKOFF_S:-30} BACKOFF_MAX_S=${JCDM_BACKOFF_MAX_S:-600}
 MAX_CREATE_FAILURES=${JCDM_MAX_CREATE_FAILURES:-50}
 STATE_DIR=${JCDM_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/jcdm}
 LOG_DIR="" DRY_CREATED=0 CREATE_FAILS=0 MAX_CREATE_FAILS=$MAX_CREATE_FAILURES SHA="" TARBALL=""
 SECRETS="" WORKERS=0 HOSTS_GUESS=1 ATTEMPT=0 RESULT="" VM_FRESH=1 DELETE_FAILS=0
 
-while (($#)); do
+launcher_option() { # the TPU-only options (lib/args.sh parses the shared ones)
+  ARGS_USED=2
   case $1 in
-    -h | --help)
-      usage
-      exit 0
+    --data) need_arg "$1" $# && DATA+=("$2") ;;
+    --name) need_arg "$1" $# && NAME=$2 ;;
+    --zone) need_arg "$1" $# && ZONE=$2 ;;
+    --project) need_arg "$1" $# && PROJECT=$2 ;;
+    --accelerator | --accelerator-type) need_arg "$1" $# && ACCEL=$2 ;;
+    --runtime | --version) need_arg "$1" $# && RUNTIME=$2 ;;
+    --provisioning) need_arg "$1" $# && PROVISIONING=$2 ;;
+    --qr-name) need_arg "$1" $# && QR=$2 ;;
+    --create-flag) need_arg "$1" $# && CREATE_FLAGS+=("$2") ;;
+    --commit) need_arg "$1" $# && COMMIT=$2 ;;
+    --code) need_arg "$1" $# && CODE=$2 ;;
+    --repo-url) need_arg "$1" $# && REPO_URL=$2 ;;
+    --extras) need_arg "$1" $# && EXTRAS=$2 ;;
+    --max-failures) need_arg "$1" $# && MAX_FAILURES=$2 ;;
+    *)
+      ARGS_USED=1
+      case $1 in
+        --spot | --on-demand | --reserved | --preemptible) PROVISIONING=${1#--} ;;
+        --queued) QUEUED=1 ;;
+        --no-queued) QUEUED=0 ;;
+        --allow-delete) ALLOW_DELETE=1 ;;
+        --delete-when-done) DELETE_WHEN_DONE=1 ;;
+        --skip-bucket-check) BUCKET_CHECK=0 ;;
+        --stop) ACTION=stop ;;
+        --delete) ACTION=delete ;;
+        *) ARGS_USED=0 ;;
+      esac
       ;;
-    --gin.*=*) BINDINGS+=("${1#--gin.}") ;; # the trainer's short form --gin.KEY=VALUE
-    --*=*) # --opt=value -> --opt value
-      opt=${1%%=*} val=${1#*=}
-      shift
-      set -- "$opt" "$val" "$@"
-      continue
-      ;;
-    --gin) need_arg "$1" $# && GIN=$2 && shift ;;
-    -b | --gin_bindings | --gin-bindings) need_arg "$1" $# && BINDINGS+=("$2") && shift ;;
-    --workdir) need_arg "$1" $# && WORKDIR=$2 && shift ;;
-    --run-id | --run_id) need_arg "$1" $# && RUN_ID=$2 && shift ;;
-    --wandb-mode) need_arg "$1" $# && WANDB_MODE_=$2 && shift ;;
-    --wandb-project) need_arg "$1" $# && WANDB_PROJECT_=$2 && shift ;;
-    --wandb-entity) need_arg "$1" $# && WANDB_ENTITY_=$2 && shift ;;
-    --env) need_arg "$1" $# && USER_ENV+=("$2") && shift ;;
-    --data) need_arg "$1" $# && DATA+=("$2") && shift ;;
-    --name) need_arg "$1" $# && NAME=$2 && shift ;;
-    --zone) need_arg "$1" $# && ZONE=$2 && shift ;;
-    --project) need_arg "$1" $# && PROJECT=$2 && shift ;;
-    --accelerator | --accelerator-type) need_arg "$1" $# && ACCEL=$2 && shift ;;
-    --runtime | --version) need_arg "$1" $# && RUNTIME=$2 && shift ;;
-    --provisioning) need_arg "$1" $# && PROVISIONING=$2 && shift ;;
-    --spot | --on-demand | --reserved | --preemptible) PROVISIONING=${1#--} ;;
-    --queued) QUEUED=1 ;;
-    --no-queued) QUEUED=0 ;;
-    --qr-name) need_arg "$1" $# && QR=$2 && shift ;;
-    --create-flag) need_arg "$1" $# && CREATE_FLAGS+=("$2") && shift ;;
-    --commit) need_arg "$1" $# && COMMIT=$2 && shift ;;
-    --code) need_arg "$1" $# && CODE=$2 && shift ;;
-    --repo-url) need_arg "$1" $# && REPO_URL=$2 && shift ;;
-    --extras) need_arg "$1" $# && EXTRAS=$2 && shift ;;
-    --max-failures) need_arg "$1" $# && MAX_FAILURES=$2 && shift ;;
-    --allow-delete) ALLOW_DELETE=1 ;;
-    --delete-when-done) DELETE_WHEN_DONE=1 ;;
-    --skip-bucket-check) BUCKET_CHECK=0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --stop) ACTION=stop ;;
-    --delete) ACTION=delete ;;
-    --)
-      shift
-      BINDINGS+=("$@")
-      break
-      ;;
-    -*) die 2 "unknown option '$1' (bindings that start with '-' go after --); see --help" ;;
-    *) BINDINGS+=("$1") ;;
   esac
-  shift
-done
+}
+
+parse_args "$@"
 
 # --------------------------------------------------------------------------------- validation
 if [[ -z $NAME ]]; then
@@ -568,20 +536,8 @@ MULTI_HOST=0
 ((ACCEL_N > 8)) && MULTI_HOST=1
 HOSTS_GUESS=$(((ACCEL_N + 7) / 8))
 
-if [[ $ACTION == train ]]; then
-  [[ $GIN ]] || die 2 "--gin FILE is required (e.g. --gin gin/joint.gin)"
-  [[ -f $GIN ]] || die 2 "gin file '$GIN' does not exist"
-  GIN_ABS=$(cd "$(dirname "$GIN")" && pwd)/$(basename "$GIN")
-  [[ $GIN_ABS == "$REPO"/* ]] || die 2 "gin file '$GIN' is not inside the repo $REPO"
-  GIN_REL=${GIN_ABS#"$REPO"/}
-  for b in "${BINDINGS[@]}"; do
-    [[ $b =~ [^[:space:]] ]] || die 2 "empty gin binding"
-  done
-fi
-
-[[ $RUN_ID ]] || RUN_ID=jcdm-$(date -u +%Y%m%d-%H%M%S)
-[[ $RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] ||
-  die 2 "bad --run-id '$RUN_ID' (letters, digits, . _ -; at most 128)"
+[[ $ACTION != train ]] || check_gin "$REPO"
+check_run_id jcdm
 
 if [[ $ACTION == train ]]; then
   if [[ -z $WORKDIR ]]; then
@@ -594,13 +550,8 @@ if [[ $ACTION == train ]]; then
     log "WARNING: workdir '$WORKDIR' is on the VM's disk: it is lost when a spot VM is" \
       "recreated, so a preempted run restarts from step 0. Prefer gs://BUCKET/..."
   fi
-  case $WANDB_MODE_ in online | offline | disabled) ;;
-    *) die 2 "--wandb-mode must be online, offline or disabled" ;;
-  esac
+  check_env
   [[ $CODE == local || $CODE == git ]] || die 2 "--code must be local or git"
-  for kv in "${USER_ENV[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die 2 "bad --env '$kv' (want NAME=VALUE)"
-  done
   for d in "${DATA[@]}"; do
     [[ ${d%/} == gs://?*/?* ]] || die 2 "--data wants gs://BUCKET/DIR (a directory), got '$d'"
   done
@@ -618,8 +569,7 @@ if [[ $ACTION == train ]]; then
   fi
 fi
 
-TRAINER_ARGS=(--gin "${GIN_REL:-}" --workdir "$WORKDIR" --run_id "$RUN_ID")
-for b in "${BINDINGS[@]}"; do TRAINER_ARGS+=(--gin_bindings "$b"); done
+make_trainer_args
 TRAINER_ENV=("WANDB_MODE=$WANDB_MODE_")
 [[ -z $WANDB_PROJECT_ ]] || TRAINER_ENV+=("WANDB_PROJECT=$WANDB_PROJECT_")
 [[ -z $WANDB_ENTITY_ ]] || TRAINER_ENV+=("WANDB_ENTITY=$WANDB_ENTITY_")

@@ -1,4 +1,4 @@
-"""Checkpoints, preemption and resume with real processes and real signals (issue #5, item 8).
+"""Checkpoints, preemption and resume with real processes and real signals.
 
 Every run goes through `python -m jcdm.dev.launch_local` on the smoke model, 2 processes x 4 CPU
 devices with FSDP (a 2x4 mesh), unless said otherwise. One module-scoped fixture runs them all,
@@ -240,7 +240,7 @@ def runs(repo, tmp_path_factory) -> Runs:
     )
 
 
-# --- item 8: SIGTERM, exit 75, resume, bitwise equal -------------------------------------------
+# --- SIGTERM, exit 75, resume, bitwise equal ------------------------------------------------------
 
 
 def test_uninterrupted_reference_run(runs):
@@ -282,7 +282,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(runs):
     assert results(read_rows(runs.finish.workdir)) == results(read_rows(runs.ref.workdir))
 
 
-# --- item 8: SIGKILL during a save ---------------------------------------------------------------
+# --- SIGKILL during a save ------------------------------------------------------------------------
 
 
 def test_sigkill_during_a_save_restores_the_previous_checkpoint(runs):
@@ -296,7 +296,7 @@ def test_sigkill_during_a_save_restores_the_previous_checkpoint(runs):
     assert "unreadable" not in runs.resume.out
 
 
-# --- items 2 and 5: corrupted latest checkpoint, another mesh, NaN --------------------------------
+# --- corrupted latest checkpoint, another mesh, NaN -----------------------------------------------
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_one_before(runs):
@@ -336,7 +336,7 @@ def test_nan_stops_the_run_without_writing_a_checkpoint_of_the_broken_state(runs
     assert kept["ema_params_sha256"] == original["ema_params_sha256"]
 
 
-# --- item 6: the inspect tool --------------------------------------------------------------------
+# --- the inspect tool -----------------------------------------------------------------------------
 
 
 def test_inspect_checkpoint_text_and_json(repo, runs, capsys):

@@ -295,6 +295,7 @@ print("compiled", round(time.perf_counter() - t0, 1), "stop", watcher.should_sto
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_sigterm_during_compilation_is_kept(repo):
     """A real process: SIGTERM while XLA compiles neither kills it nor gets lost."""
     import subprocess

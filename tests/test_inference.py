@@ -18,6 +18,8 @@ from jcdm.fid.fid import save_stats
 from jcdm.fid.inception import flatten, init_params
 from tests.trainer import read_metrics, run_trainer
 
+pytestmark = pytest.mark.slow  # every test here starts a trainer process
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

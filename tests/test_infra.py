@@ -27,6 +27,7 @@ SCRIPTS = [
     INFRA / "launch_tpu_vm.sh",
     INFRA / "tpu_worker.sh",
     INFRA / "launch_slurm.sh",
+    INFRA / "lib" / "args.sh",
     INFRA / "slurm" / "jcdm.sbatch",
     INFRA / "slurm" / "task.sh",
     INFRA / "slurm" / "env.sh",
@@ -703,6 +704,67 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------------ shared option parsing
+PARSE_DRIVER = r"""
+log() { printf '%s\n' "$*" >&2; }
+usage() { echo USAGE; }
+source "$1"
+shift
+EXTRA=()
+launcher_option() {
+  case $1 in
+    --flag) EXTRA+=(flag) ARGS_USED=1 ;;
+    --opt) need_arg "$1" $# && EXTRA+=("opt=$2") && ARGS_USED=2 ;;
+  esac
+}
+parse_args "$@"
+check_gin "$PWD"
+check_run_id test
+check_env
+make_trainer_args
+printf '%s\0' "${TRAINER_ARGS[@]}" "|" "${EXTRA[@]}" "|" "$WANDB_PROJECT_" "$DRY_RUN"
+"""
+
+
+def _parse(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", PARSE_DRIVER, "driver", str(repo / "infra/lib/args.sh"), *args],
+        cwd=repo,
+        capture_output=True,
+    )
+
+
+def test_shared_option_parsing_of_both_launchers(repo):
+    """infra/lib/args.sh: every spelling of a binding reaches the trainer in order, --opt=value
+    splits once (a value may itself look like --x=y), launcher options go to its callback."""
+    r = _parse(
+        repo, "--gin=gin/joint.gin", "a=1", "--gin.b=2", "-b", "c=3", "--gin_bindings=d=4",
+        "--run_id=r1", "--workdir", "/w", "--flag", "--opt=--x=y", "--wandb-project=p q",
+        "--dry-run", "--", "--e=5",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode().split("\0")[:-1]
+    bindings = [x for b in ("a=1", "b=2", "c=3", "d=4", "--e=5") for x in ("--gin_bindings", b)]
+    want = ["--gin", "gin/joint.gin", "--workdir", "/w", "--run_id", "r1", *bindings]
+    assert out == [*want, "|", "flag", "opt=--x=y", "|", "p q", "1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gin", "gin/joint.gin", "--zonee", "x"], "unknown option '--zonee'"),
+        (["--gin", "gin/joint.gin", "--opt"], "option --opt needs a value"),
+        (["--gin", "gin/joint.gin", "--env", "1X=2"], "bad --env"),
+        (["--gin", "gin/joint.gin", "--wandb-mode", "loud"], "--wandb-mode must be"),
+        (["--gin", "gin/joint.gin", " "], "empty gin binding"),
+        (["--gin", "/etc/hostname"], "not inside the repo"),
+    ],
+)  # fmt: skip
+def test_shared_option_parsing_refuses_with_exit_2(repo, args, message):
+    r = _parse(repo, *args)
+    assert r.returncode == 2 and message in r.stderr.decode(), r.stderr
 
 
 # ----------------------------------------------------------------------------------------- SLURM

@@ -301,10 +301,12 @@ def test_fir_impls_agree_on_values_gradients_and_dtype(kernel):
         "up_conv": lambda v, impl: fir.upsample_conv_2d(v, w, kernel, impl=impl),
     }
     for name, f in fns.items():
-        a, b = f(x, "conv"), f(x, "separable")
+        # Jitted: one compile per function instead of one per eager op (half the time here).
+        a, b = (jax.jit(lambda v, f=f, i=i: f(v, i))(x) for i in fir.IMPLS)
         assert a.shape == b.shape, name
         np.testing.assert_allclose(b, a, atol=1e-5, err_msg=name)
-        ga, gb = (jax.grad(lambda v, f=f, i=i: jnp.sum(f(v, i) ** 2))(x) for i in fir.IMPLS)
+        grads = (jax.jit(jax.grad(lambda v, f=f, i=i: jnp.sum(f(v, i) ** 2))) for i in fir.IMPLS)
+        ga, gb = (g(x) for g in grads)
         np.testing.assert_allclose(gb, ga, atol=1e-4, err_msg=name)
     y = fir.downsample_2d(x.astype(jnp.bfloat16), kernel, impl="separable")
     assert y.dtype == jnp.bfloat16

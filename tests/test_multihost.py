@@ -1,4 +1,4 @@
-"""Multi-host training through real processes (issue #3, items 5 and 6).
+"""Multi-host training through real processes.
 
 Every trainer run here goes through `python -m jcdm.dev.launch_local`: N processes on 127.0.0.1 with
 M simulated CPU devices each, joined by `jax.distributed` and gloo collectives, exactly the code
@@ -27,8 +27,6 @@ import pytest
 from jcdm.dev import launch_local
 from jcdm.runtime import mesh as mesh_lib
 from tests.trainer import launch_local_argv
-
-pytestmark = pytest.mark.slow
 
 STEPS = 4
 BASE = [
@@ -123,7 +121,7 @@ class Launch:
         )
 
 
-# --- the runs ---------------------------------------------------------------------------------
+# --- the runs -------------------------------------------------------------------------------------
 # All launches start at once: a one-process compile keeps one core busy, so running the
 # configurations side by side fills both cores of a CI runner (about a third faster than one
 # after the other). Each configuration still compiles exactly once.
@@ -214,9 +212,10 @@ def _max_rel_diff(a: Run, b: Run) -> dict[str, float]:
     return diffs
 
 
-# --- item 6: the numbers do not depend on the process or device count -------------------------
+# --- the numbers do not depend on the process or device count -------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_trajectory_is_the_same_on_1x8_2x4_and_1x1(run_1x8, run_2x4, run_1x1):
     ref = run_1x1
     assert [m["step"] for m in ref.metrics] == list(range(1, STEPS + 1))
@@ -230,6 +229,7 @@ def test_loss_trajectory_is_the_same_on_1x8_2x4_and_1x1(run_1x8, run_2x4, run_1x
         assert max(diffs.values()) < RTOL, (name, diffs)
 
 
+@pytest.mark.slow
 def test_two_processes_log_their_mesh_and_only_process_0_writes(run_2x4):
     out = run_2x4.out
     for i in range(2):
@@ -241,6 +241,7 @@ def test_two_processes_log_their_mesh_and_only_process_0_writes(run_2x4):
     assert os.path.exists(os.path.join(run_2x4.workdir, "config.gin"))
 
 
+@pytest.mark.slow
 def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x4, run_2x4_fsdp_eval):
     out = run_2x4_fsdp_eval.out
     assert "mesh {'data': 2, 'fsdp': 4}" in out
@@ -255,9 +256,10 @@ def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x4, run_2x4_f
     assert sorted(os.listdir(samples)) == ["1step_0000004.png", "2step_0000004.png"]
 
 
-# --- item 5: a dead process ends the job promptly -------------------------------------------
+# --- a dead process ends the job promptly ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_process_makes_the_survivor_exit(run_2x4):
     """SIGKILL of process 1 during training: process 0 exits non-zero on its own (peer watchdog,
     or gloo's own connection error, whichever comes first), well before the 30 s heartbeat
@@ -271,9 +273,10 @@ def test_killed_process_makes_the_survivor_exit(run_2x4):
     assert run_2x4.killed_after_s < 15, out[-3000:]
 
 
-# --- item 5: configuration errors are clear and exit 2 before compiling ---------------------
+# --- configuration errors are clear and exit 2 before compiling -----------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ERRORS))
 def test_bad_mesh_batch_or_sharding_exits_2_before_compiling(runs, name):
     run = runs[name]
@@ -283,7 +286,7 @@ def test_bad_mesh_batch_or_sharding_exits_2_before_compiling(runs, name):
     assert "compiled" not in run.out  # failed before the train step was compiled
 
 
-# --- cheap unit checks of the rules ----------------------------------------------------------
+# --- cheap unit checks of the rules ---------------------------------------------------------------
 
 
 def test_mesh_axis_sizes():

@@ -1,9 +1,12 @@
-"""Compute precision and steps per call (issue #8): each setting trains, and float32 results do
+"""Compute precision and steps per call: each setting trains, and float32 results do
 not depend on how many steps one compiled call runs."""
 
 import numpy as np
+import pytest
 
 from tests.trainer import QUIET, read_metrics, run_trainer
+
+pytestmark = pytest.mark.slow  # every test here starts a trainer process
 
 # Fixed N (s1 = s0) and a high learning rate, as test_train.test_loss_falls.
 FALLS = ["--gin.ICTConfig.s1=10", "--gin.make_optimizer.learning_rate=2e-3"]

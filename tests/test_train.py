@@ -9,6 +9,8 @@ from PIL import Image
 from jcdm import exit_codes
 from tests.trainer import QUIET, read_metrics, run_trainer
 
+pytestmark = pytest.mark.slow  # every test here starts a trainer process
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):

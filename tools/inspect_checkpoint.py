@@ -30,6 +30,8 @@ from etils import epath  # noqa: E402
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+    if "://" not in workdir:  # Orbax reads local checkpoints by absolute path only
+        workdir = os.path.abspath(workdir)
     d = epath.Path(workdir) / "checkpoints"
     if not d.is_dir():
         raise SystemExit(f"inspect_checkpoint: no checkpoints directory in {workdir!r}")

@@ -1,6 +1,6 @@
 """Where a compiled step spends its time: a `jax.profiler` trace summed per HLO op and category.
 
-System code for bench/ (issue #8): nothing here changes what is computed. The trace is written as
+System code for bench/: nothing here changes what is computed. The trace is written as
 Perfetto JSON (`create_perfetto_trace=True`), which needs no TensorBoard plugin to read. Op events
 carry their HLO instruction in `args.hlo_op`; the compiled module's text maps each instruction to
 a category (convolution, grouped convolution, matmul, loop / reduction fusion, copy, collective).

@@ -9,7 +9,7 @@ values, chosen by ``impl``:
   directly on NHWC, with no NCHW / batch-of-planes round trip;
 * ``'separable'``: the kernel is an outer product, so each axis is filtered in turn as a weighted
   sum of (strided) shifted slices: plain elementwise work that XLA fuses with its neighbours
-  instead of a grouped-convolution kernel (WORKSPACE_NOTES.md "Performance" has the timings).
+  instead of a grouped-convolution kernel (docs/performance.md has the timings).
 
 Both avoid wasted work:
 * "insert zeros then filter" (upsampling) is computed polyphase at the input resolution, so the

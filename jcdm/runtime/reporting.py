@@ -177,6 +177,44 @@ class Reporter:
             self._wandb.finish()
 
 
+def print_next_steps(workdir: str, *, enabled: bool, file=None) -> list[str]:
+    """End of a successful run (process 0): where the newest sample grids are and what to try next.
+
+    Returns the printed lines. `<workdir>/config.gin` is the run's operative config, so it serves
+    as `--gin` for sampling from the run's checkpoint.
+    """
+    if not enabled:
+        return []
+    root = epath.Path(workdir)
+    shown = _short(os.fspath(root))
+    grids = sorted((root / "samples").glob("*.png")) if (root / "samples").exists() else []
+    newest: dict[str, str] = {}
+    for g in grids:  # names are <tag>_<step:07d>.png: sorted order ends at the newest step
+        newest[g.name.rsplit("_", 1)[0]] = _short(os.fspath(g))
+    lines = [f"done: {shown}"]
+    if newest:
+        lines.append("  sample grids (newest): " + "  ".join(newest.values()))
+    lines.append(f"  metrics: {_short(os.fspath(root / 'metrics.jsonl'))}")
+    if (root / "wandb").exists():
+        lines.append(f"  W&B run: {_short(os.fspath(root / 'wandb'))} (upload: wandb sync DIR)")
+    lines.append("  next, more samples from the last checkpoint:")
+    lines.append(
+        f"    jcdm --gin {_short(os.fspath(root / 'config.gin'))} --workdir {shown} "
+        "--only_inference --gin.inference.num_samples=256"
+    )
+    lines.append("  then the CIFAR-10 recipe: README.md, 'The real CIFAR-10 recipe'")
+    print("\n".join(lines), file=file or sys.stdout, flush=True)
+    return lines
+
+
+def _short(path: str) -> str:
+    """A local path relative to the current directory when it lies inside it."""
+    if not _is_local(epath.Path(path)):
+        return path
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 class _MetricsFile:
     """metrics.jsonl: one JSON row per logged step, appended (local) or re-uploaded (bucket)."""
 
