@@ -266,20 +266,6 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
     assert got == [{"step": s, "loss": float(s)} for s in (1, 2, 3)] + [{"step": 4, "loss": 40.0}]
 
 
-def test_metrics_in_a_bucket_are_uploaded_whole(tmp_path, monkeypatch):
-    """A bucket object cannot be appended to: rows are kept and the file is rewritten."""
-    monkeypatch.setattr(reporting, "_is_local", lambda path: False)
-    reporter = reporting.Reporter(
-        str(tmp_path), enabled=True, num_steps=10, run_id="x", upload_every_s=3600
-    )
-    reporter.write_metrics(1, {"loss": 1.0})
-    assert not (tmp_path / "metrics.jsonl").exists()  # throttled until close
-    reporter.save_grid(1, "1step", np.zeros((4, 8, 8, 3), np.float32))
-    reporter.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
-    assert (tmp_path / "samples" / "1step_0000001.png").read_bytes()[:4] == b"\x89PNG"
-
-
 CHILD = """
 import sys, time
 import jax, jax.numpy as jnp
