@@ -223,6 +223,22 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+_IMPORTED = time.monotonic()
+
+
+def process_uptime_s() -> float:
+    """Seconds since this process started (Linux: from /proc, so the interpreter's start-up and
+    imports count), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
 class Stopwatch:
     def __init__(self):
         self.start = time.perf_counter()
