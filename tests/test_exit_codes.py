@@ -11,6 +11,7 @@ import pytest
 
 from jcdm import exit_codes as ec
 from jcdm.dev import launch_local
+from tests.trainer import QUIET, run_trainer
 
 CODES = [0, 1, 2, 3, 75, 134, 137, -9, -15]
 
@@ -59,3 +60,47 @@ def test_bash_launchers_hold_no_copy_of_the_policy(repo, script):
 
 def test_launch_local_uses_the_same_policy():
     assert launch_local.combine is ec.combine
+
+
+# --- the trainer's side of the contract (real processes) ----------------------------------------
+
+SMOKE = [
+    "--gin",
+    "gin/smoke.gin",
+    *QUIET,
+    "--gin.train.num_steps=4",
+    "--gin.train.curriculum_steps=8",
+]
+
+
+@pytest.mark.slow
+def test_an_error_after_training_started_exits_1_and_is_retried(tmp_path):
+    """A ValueError once training runs (here a test hook at step 2) is a failure to retry (1),
+    not a configuration error (2): before, every ValueError exited 2 and stranded the run."""
+    r = run_trainer(
+        [*SMOKE, "--workdir", str(tmp_path / "w"), "--gin.train.test_fault='value_error@2'"]
+    )
+    assert r.returncode == ec.FAILURE, r.stderr[-3000:]
+    assert "ValueError: test fault: value_error at step 2" in r.stderr
+    assert "retried by the launchers" in r.stderr
+    assert ec.action(r.returncode) == ec.RETRY
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_configuration_exits_2_before_compiling(tmp_path):
+    import jax.numpy as jnp
+
+    from jcdm.runtime import checkpoint as ckpt_lib
+
+    workdir = tmp_path / "w"
+    other = ckpt_lib.Checkpointer(
+        str(workdir / "checkpoints"), ckpt_lib.CheckpointConfig(async_save=False)
+    )
+    other.save(5, {"params": {"w": jnp.zeros(3)}, "step": jnp.int32(5)}, None, force=True)
+    other.close()
+    r = run_trainer([*SMOKE, "--workdir", str(workdir)])
+    assert r.returncode == ec.USAGE, r.stderr[-3000:]
+    assert "CheckpointMismatch" in r.stderr and "written by another configuration" in r.stderr
+    assert "a restart cannot help" in r.stderr
+    assert "compiled" not in r.stderr  # found before the train step was compiled
+    assert ec.action(r.returncode) == ec.STOP

@@ -125,6 +125,9 @@ def launch(
             for i, p in enumerate(procs):
                 if codes[i] is None and p.poll() is not None:
                     codes[i] = p.returncode
+                    with lock:
+                        sys.stdout.write(f"[launch] process {i} exited with code {p.returncode}\n")
+                        sys.stdout.flush()
                     if p.returncode != 0 and first_failure is None:
                         first_failure = time.monotonic()
             if first_failure is not None and time.monotonic() - first_failure > kill_after:

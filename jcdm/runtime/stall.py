@@ -45,8 +45,9 @@ class StallConfig:
     (30 minutes) is far above any healthy step. `slow_step_factor`: the limit is never below this
     many times the slowest step seen. `in_jax_grace_s`: extra time a process waiting inside JAX
     gives its peers to report their own stall. `peer_silence_s`: a peer whose heartbeats stop for
-    this long is stalled (stopped or frozen); below JAX's heartbeat timeout (30 s), so our
-    message comes first. `heartbeat_s`: seconds between heartbeats. `enabled`: False turns the
+    this long is stalled (stopped or frozen). It must stay well below JAX's own detection, which
+    aborted the survivor (SIGABRT, no name) 18 s after a SIGSTOP with `initialize`'s
+    heartbeat_timeout of 30 s (measured). `heartbeat_s`: seconds between heartbeats. `enabled`: False turns the
     local check and the heartbeats off (the peer watchdog still reports dead peers).
     """
 
@@ -56,7 +57,7 @@ class StallConfig:
         timeout_s: float = 1800.0,
         slow_step_factor: float = 20.0,
         in_jax_grace_s: float = 10.0,
-        peer_silence_s: float = 20.0,
+        peer_silence_s: float = 10.0,
         heartbeat_s: float = 1.0,
         enabled: bool = True,
     ):
