@@ -278,19 +278,30 @@ def step_time(ref_rows: list[dict], batch: int) -> float:
     return statistics.median(batch / r["images_per_sec"] for r in ref_rows[1:])
 
 
-def run_reference(cfg: dict, base: str) -> dict:
+def run_reference(cfg: dict, base: str, reuse: bool = False) -> dict:
     workdir = os.path.join(base, "reference")
+    saved = os.path.join(base, "reference.json")
+    if reuse and os.path.exists(saved):  # an earlier soak's reference in the same --workdir
+        with open(saved) as f:
+            ref = json.load(f)
+        if ref["config"] == trainer_args(cfg):
+            ref["first_step"] = {int(k): v for k, v in ref["first_step"].items()}
+            return ref
     cache_off = [] if cfg.get("compile_cache") else ["--gin.compile_cache.enabled=False"]
     args = [*trainer_args(cfg), *cache_off]
     launch = Launch("reference", workdir, args, base, child_env())
     rc = launch.wait()
     if rc != 0:
         raise SystemExit(f"reference run failed (exit {rc}):\n{launch.out[-4000:]}")
-    return {
+    ref = {
         "workdir": workdir,
         "wall_s": launch.t_end - launch.t0,
         "first_step": launch.first_steps(),
+        "config": trainer_args(cfg),
     }
+    with open(saved, "w") as f:
+        json.dump(ref, f)
+    return ref
 
 
 def run_soak(cfg: dict, base: str, seed: int) -> dict:
@@ -466,6 +477,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument(
+        "--reuse_reference",
+        action="store_true",
+        help="reuse the uninterrupted run an earlier soak left in --workdir (same settings)",
+    )
+    p.add_argument(
         "--compile_cache",
         help="one compilation cache for the reference and the soak (default: the reference runs "
         "without one and the soak uses its workdir's, so the first start is cold)",
@@ -477,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = args.workdir or tempfile.mkdtemp(prefix="jcdm-soak-")
     os.makedirs(base, exist_ok=True)
     try:
-        ref = run_reference(cfg, base)
+        ref = run_reference(cfg, base, reuse=args.reuse_reference)
         soak = run_soak(cfg, base, args.seed)
         rep = report(cfg, ref, soak, batch=16)  # smoke.gin's global batch
         rep["command"] = "python bench/soak.py " + " ".join(

@@ -38,7 +38,9 @@ def test_short_soak_survives_one_fault_of_each_signal_kind(repo, tmp_path):
     }
     lost = rep["steps_lost_per_kind"]
     assert lost["sigterm"]["max"] == 0
-    assert lost["sigkill"]["max"] <= cfg["save_every"]
+    # A kill while a save is still being written loses that save too: at most the steps trained
+    # while it was in flight (a save of the smoke state takes about a step here) on top.
+    assert lost["sigkill"]["max"] <= cfg["save_every"] + 2
     assert lost["sigkill_all_in_save"]["max"] <= 2 * cfg["save_every"]
     for f in rep["faults"]:
         assert f["action"] == ("resume" if f["kind"] == "sigterm" else "retry"), f

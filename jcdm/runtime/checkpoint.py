@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jcdm.runtime import io
+
 log = logging.getLogger(__name__)
 
 
@@ -192,6 +194,7 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         data_state = {} if data_iterator is None else data_iterator.get_state()
         self._saving = step
+        self._probe_writable()
         if self.cfg.background:
             # The copy is dispatched asynchronously: the caller may donate `state` to the next
             # update at once, since JAX orders the donation after this read.
@@ -253,6 +256,21 @@ class Checkpointer:
             f"saving the checkpoint of step {self._saving} to {self.directory} failed ({why}); "
             f"{previous}. Check the disk space and permissions of {self.directory}."
         )
+
+    def _probe_writable(self) -> None:
+        """Write and remove a small file in the checkpoint directory first, on every process.
+
+        An unwritable or full directory then fails here at once, naming the OS error. Left to
+        Orbax, a process that cannot create the step directory fails in a thread while the others
+        wait for its signal for Orbax's coordination timeout (5 minutes, measured by
+        bench/soak.py), training on without saving meanwhile.
+        """
+        probe = self.directory / f".jcdm-write-probe-{jax.process_index()}"
+        try:
+            io.write_bytes(probe, b"\0" * 4096, makedirs=False)
+            probe.unlink()
+        except OSError as e:
+            raise self._failure(e) from e
 
     def raise_if_failed(self) -> None:
         """Raise a finished save's error now; returns at once while a save is in progress (the
