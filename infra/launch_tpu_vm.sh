@@ -312,7 +312,8 @@ setup_workers() {
 # Runs the trainer on all workers; sets RESULT to finished|usage|numerical|preempted|failed|lost.
 run_workers() {
   local -a remote=(bash jcdm_tpu_worker.sh run --run-id "$RUN_ID" --commit "$SHA")
-  local kv alog ssh_rc=0 line n=0 n0=0 saw_75=0 saw_2=0 saw_3=0 saw_fail=0 rc
+  local kv alog ssh_rc=0 line n=0 rc action decision
+  local -a codes=()
   for kv in "${TRAINER_ENV[@]}"; do remote+=(--env "$kv"); done
   remote+=(-- "${TRAINER_ARGS[@]}")
   log "attempt $ATTEMPT: starting the trainer on all workers (run $RUN_ID)"
@@ -327,32 +328,33 @@ run_workers() {
   ssh_rc=${PIPESTATUS[0]}
   set -e
   while read -r line; do
-    rc=${line##*rc=}
+    codes+=("${line##*rc=}")
     n=$((n + 1))
-    case $rc in
-      0) n0=$((n0 + 1)) ;;
-      75) saw_75=1 ;;
-      2) saw_2=1 ;;
-      3) saw_3=1 ;;
-      *) saw_fail=1 ;;
-    esac
   done < <(grep -oE 'JCDM_EXIT_CODE worker=[^ ]+ rc=[0-9]+' "$alog" | sort -u)
   log "attempt $ATTEMPT: gcloud ssh exit $ssh_rc; exit codes reported by $n/$WORKERS workers:" \
     "$(grep -oE 'worker=[^ ]+ rc=[0-9]+' "$alog" | sort -u | tr '\n' ' ')"
-  if ((saw_3)); then
-    RESULT=numerical
-  elif ((saw_2)); then
-    RESULT=usage
-  elif ((saw_75)); then
-    RESULT=preempted
-  elif ((saw_fail)); then
-    RESULT=failed
-  elif ((n > 0 && n0 == n)) &&
-    { ((WORKERS > 0 && n >= WORKERS)) || ((WORKERS == 0 && ssh_rc == 0)); }; then
-    RESULT=finished # every worker reported 0 (gcloud's own status for --worker=all is not used)
-  else
+  if ((n == 0)); then
     RESULT=lost
+    return 0
   fi
+  # One policy for every launcher (jcdm/exit_codes.py): combine the workers' codes, then act.
+  decision=$(python3 "$REPO/jcdm/exit_codes.py" decide "${codes[@]}") ||
+    die 1 "cannot run $REPO/jcdm/exit_codes.py with python3"
+  read -r rc action <<<"$decision"
+  case $action in
+    stop) if ((rc == 3)); then RESULT=numerical; else RESULT=usage; fi ;;
+    resume) RESULT=preempted ;;
+    retry) RESULT=failed ;;
+    done)
+      # Finished only if every worker reported 0 (gcloud's own status for --worker=all is not
+      # used); a worker that reported nothing may have been cut off.
+      if { ((WORKERS > 0 && n >= WORKERS)) || ((WORKERS == 0 && ssh_rc == 0)); }; then
+        RESULT=finished
+      else
+        RESULT=lost
+      fi
+      ;;
+  esac
 }
 
 backoff() { # backoff N: BACKOFF_S * 2^(N-1), capped

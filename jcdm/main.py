@@ -1,6 +1,8 @@
 """Command line: `jcdm --gin gin/joint.gin --workdir DIR [--gin_bindings B ...] [--gin.K=V ...]`.
 
-Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers.
+Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers: a
+problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit)
+exits 2 and is not retried; any error once training has started exits 1 and is retried.
 """
 
 from __future__ import annotations
@@ -104,6 +106,18 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         logging.getLogger().removeFilter(quiet)
 
 
+def _check_required_bindings() -> None:
+    """gin would only say so when `train` is called, as a RuntimeError (retryable) otherwise."""
+    import gin
+
+    missing = [p for p in ("num_steps", "global_batch_size") if p not in gin.get_bindings("train")]
+    if missing:
+        raise UsageError(
+            f"the gin configuration binds no {', '.join('train.' + p for p in missing)} "
+            "(gin/joint.gin sets both; add --gin.train.num_steps=N)"
+        )
+
+
 class _DropGinPathProbes(logging.Filter):
     """gin logs an ERROR for every search path it probes for an `include` before finding it."""
 
@@ -123,6 +137,8 @@ def run(argv: list[str]) -> int:
 
     try:
         parse_gin(args.gin, args.gin_bindings)
+        if not args.only_inference:
+            _check_required_bindings()
     except UsageError as e:
         print(f"jcdm: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
@@ -133,15 +149,24 @@ def run(argv: list[str]) -> int:
         return exit_codes.USAGE
     configure_logging(args.log_level)
 
+    from jcdm.runtime import compile_cache
     from jcdm.training import train as train_lib
 
     try:
+        with train_lib.startup_errors():
+            compile_cache.compile_cache(workdir=args.workdir)
         if args.only_inference:
             from jcdm.training import inference
 
-            inference.run(workdir=args.workdir)
+            with train_lib.startup_errors():  # nothing is trained: every input is configuration
+                inference.run(workdir=args.workdir)
         else:
             train_lib.train(workdir=args.workdir, run_id=args.run_id)
+    except train_lib.StartupError as e:
+        log.error(
+            "%s (found before the first step: exit %d, a restart cannot help)", e, exit_codes.USAGE
+        )
+        return exit_codes.USAGE
     except train_lib.Preempted as e:
         log.warning("%s (exit %d)", e, exit_codes.PREEMPTED)
         distributed.shutdown()
@@ -149,11 +174,10 @@ def run(argv: list[str]) -> int:
     except train_lib.NumericalError as e:
         log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
         return exit_codes.NUMERICAL
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return exit_codes.USAGE
-    except Exception:
-        log.exception("unexpected failure (exit %d)", exit_codes.FAILURE)
+    except Exception as e:  # once training has started, everything is worth a retry
+        log.exception(
+            "%s: %s (exit %d, retried by the launchers)", type(e).__name__, e, exit_codes.FAILURE
+        )
         return exit_codes.FAILURE
     log.info("done")
     distributed.shutdown()

@@ -5,11 +5,12 @@ The end-to-end behaviour with real trainer processes and signals is in tests/tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -197,15 +198,40 @@ def test_unreadable_latest_falls_back_and_is_moved_aside(tmp_path, caplog):
         ckpt.close()
 
 
+def test_a_checkpoint_of_another_model_is_a_mismatch_and_moves_nothing(tmp_path):
+    """Checkpoints whose parameter names or shapes differ from the model are a configuration
+    error (exit 2 in the trainer), said with the first differences; nothing is moved aside."""
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, make_state(), FakeIterator(1), force=True)
+    ckpt.close()
+    wrong = abstract(make_state())
+    wrong["params"]["w"] = jax.ShapeDtypeStruct((64, 16), jnp.float32)  # another width
+    wrong["params"]["extra"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointMismatch) as info:
+            ckpt.restore_latest(wrong)
+        msg = str(info.value)
+        assert "step 1" in msg and "written by another configuration" in msg
+        assert "params.extra missing" in msg and "params.w stored (64, 32), model (64, 16)" in msg
+        assert ckpt.all_steps() == [1]
+    finally:
+        ckpt.close()
+    assert not (tmp_path.parent / (tmp_path.name + "_unreadable")).exists()
+
+
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
     ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
     ckpt.save(1, make_state(), FakeIterator(1), force=True)
     ckpt.close()
-    wrong = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}}  # another model
+    for f in (tmp_path / "1" / "state").rglob("*"):  # every file of the state, metadata too
+        if f.is_file():
+            f.write_bytes(b"garbage")
     ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
     try:
-        with pytest.raises(ckpt_lib.CheckpointError, match="none of the checkpoints"):
-            ckpt.restore_latest(wrong)
+        with pytest.raises(ckpt_lib.CheckpointError, match="none of the checkpoints") as info:
+            ckpt.restore_latest(abstract(make_state()))
+        assert not isinstance(info.value, ckpt_lib.CheckpointMismatch)  # retryable, exit 1
         assert ckpt.all_steps() == [1]
     finally:
         ckpt.close()
@@ -220,23 +246,70 @@ def test_empty_directory_restores_nothing(tmp_path):
         ckpt.close()
 
 
-def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path):
+def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path, monkeypatch):
     ckpt = checkpointer(tmp_path, save_every=1)
     try:
         ckpt.save(1, {"x": jnp.ones(3)}, FakeIterator(1), force=True)
         ckpt.wait()
-        shutil.rmtree(tmp_path)
-        tmp_path.write_text("not a directory")  # the next save cannot create its directory
-        ckpt.save(2, {"x": jnp.ones(3)}, FakeIterator(2), force=True)
-        with pytest.raises(ckpt_lib.CheckpointError, match="saving a checkpoint failed"):
+
+        def failing_write(*args):  # the background thread's write fails (e.g. a lost disk)
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(ckpt, "_save_now", failing_write)
+        ckpt.save(2, {"x": jnp.ones(3)}, FakeIterator(2), force=True)  # returns: in a thread
+        with pytest.raises(ckpt_lib.CheckpointError, match=r"step 2 .* Input/output error"):
             ckpt.wait()
     finally:
-        tmp_path.unlink()
-        tmp_path.mkdir()
+        ckpt.close()  # the error was raised once; closing does not raise it again
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """`path` made unwritable for this process, root included (chattr +i), else chmod."""
+    if os.geteuid() == 0:
+        r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot make {path} immutable as root: {r.stderr.decode()}")
         try:
-            ckpt.close()
-        except Exception:
-            pass
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+
+
+def test_a_save_into_an_unwritable_directory_names_the_path_and_keeps_the_last_checkpoint(
+    tmp_path,
+):
+    """Item 4: the error names the step, the directory and the OS error, comes at the save (every
+    process writes a probe file first), is not raised twice, and the checkpoint before stays
+    restorable."""
+    state = make_state()
+    ckpt = checkpointer(tmp_path, save_every=1)
+    try:
+        ckpt.save(1, state, FakeIterator(1), force=True)
+        ckpt.wait()
+        with unwritable(tmp_path), pytest.raises(ckpt_lib.CheckpointError) as info:
+            ckpt.save(2, state, FakeIterator(2), force=True)
+        msg = str(info.value)
+        assert "step 2" in msg and str(tmp_path) in msg, msg
+        assert "PermissionError" in msg or "Permission denied" in msg, msg
+        assert "the previous checkpoint (step 1) is kept" in msg
+    finally:
+        ckpt.close()  # logs, does not raise the error again
+    again = checkpointer(tmp_path)
+    try:
+        restored, step = again.restore_latest(abstract(state), FakeIterator())
+        assert step == 1 and same(restored, state)
+        with pytest.raises(ckpt_lib.CheckpointError, match="final checkpoint .step 2. is not"):
+            again.require_committed(2)
+        again.require_committed(1)
+    finally:
+        again.close()
 
 
 def test_sigterm_is_recorded_not_fatal_and_jax_notifier_is_off():
@@ -264,20 +337,6 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
     reporter.close()
     got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert got == [{"step": s, "loss": float(s)} for s in (1, 2, 3)] + [{"step": 4, "loss": 40.0}]
-
-
-def test_metrics_in_a_bucket_are_uploaded_whole(tmp_path, monkeypatch):
-    """A bucket object cannot be appended to: rows are kept and the file is rewritten."""
-    monkeypatch.setattr(reporting, "_is_local", lambda path: False)
-    reporter = reporting.Reporter(
-        str(tmp_path), enabled=True, num_steps=10, run_id="x", upload_every_s=3600
-    )
-    reporter.write_metrics(1, {"loss": 1.0})
-    assert not (tmp_path / "metrics.jsonl").exists()  # throttled until close
-    reporter.save_grid(1, "1step", np.zeros((4, 8, 8, 3), np.float32))
-    reporter.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
-    assert (tmp_path / "samples" / "1step_0000001.png").read_bytes()[:4] == b"\x89PNG"
 
 
 CHILD = """

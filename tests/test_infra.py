@@ -221,6 +221,8 @@ elif args[:2] == ["-m", "pip"]:
     record("pip")
 elif args[:1] == ["-c"]:
     pass
+elif args[:1] and args[0].endswith("jcdm/exit_codes.py"):  # the launchers' policy: the real one
+    os.execv(sys.executable, [sys.executable, "-IS", *args])
 elif args[:2] == ["-m", "jcdm"]:
     keys = ["WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY", "MY_VAR",
             "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
@@ -297,6 +299,7 @@ def repo(tmp_path: Path) -> Path:
     (r / "gin" / "joint.gin").write_text("train.num_steps = 10\n")
     (r / "jcdm").mkdir()
     (r / "jcdm" / "__init__.py").write_text("")
+    shutil.copy(INFRA.parent / "jcdm" / "exit_codes.py", r / "jcdm" / "exit_codes.py")
     (r / "pyproject.toml").write_text('[project]\nname = "jcdm"\nversion = "0"\n')
     _git(r, "init", "-q")
     _git(r, "add", "-A")
@@ -850,6 +853,7 @@ def test_sbatch_one_process_per_node(repo, fake):
         ({"2": 2}, 0, 0, 2, False),  # usage error: never
         ({"0": 3, "1": 75}, 0, 0, 3, False),  # numerical: never
         ({"0": 1}, 0, 0, 0, True),  # crash: requeue ...
+        ({"0": 137, "1": 1}, 0, 0, 0, True),  # a killed task (128 + 9) is a failure too
         ({"0": 1}, 0, 3, 1, False),  # ... until JCDM_MAX_FAILURE_REQUEUES in a row
         ({"0": 75}, 1000, 0, 75, False),  # total requeue cap
     ],

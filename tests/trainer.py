@@ -30,7 +30,9 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def launch_local_argv(num: int, devices: int, args: list[str], workdir: str) -> list[str]:
+def launch_local_argv(
+    num: int, devices: int, args: list[str], workdir: str, *, kill_after: float = 30
+) -> list[str]:
     """`python -m jcdm.dev.launch_local` for `num` processes x `devices` CPU devices."""
     return [
         sys.executable,
@@ -38,7 +40,7 @@ def launch_local_argv(num: int, devices: int, args: list[str], workdir: str) -> 
         "jcdm.dev.launch_local",
         f"--num_processes={num}",
         f"--devices_per_process={devices}",
-        "--kill_after=30",
+        f"--kill_after={kill_after:g}",
         "--",
         *args,
         "--workdir",

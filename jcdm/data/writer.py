@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from jcdm.data.records import (
     shard_name,
 )
 from jcdm.data.spec import DataError, ImageSpec
+from jcdm.runtime import io
 
 
 def _remove_quietly(path: Path) -> None:
@@ -88,7 +88,7 @@ def write_image_records(
                 writer.write(record)
         finally:
             writer.close()
-        os.replace(partial, final)
+        io.commit_local_file(partial, final)  # ArrayRecord writes local files only
         shards.append(
             {
                 "file": final.name,
@@ -115,9 +115,7 @@ def write_image_records(
         "source": source or {},
         "shards": shards,
     }
-    tmp = out / f".{METADATA_FILE}.partial"
-    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
-    os.replace(tmp, out / METADATA_FILE)
+    io.write_json(out / METADATA_FILE, metadata, indent=2)
     return out / METADATA_FILE
 
 

@@ -7,10 +7,10 @@ Each process runs `python -m jcdm <trainer arguments>` with JAX_COORDINATOR_ADDR
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set, so the trainer takes the same multi-host code path as on
 a TPU pod (gloo collectives over loopback). Output lines are prefixed with `[pK]` (and, with
 `--log_dir`, also written to `process_K.log` there). The exit code combines the processes' codes
-like infra/slurm/jcdm.sbatch does: 3 (numerical) > 2 (usage) > 75 (preempted) > the first other
-failure > 0, so a survivor that exits 1 because its peer stopped first does not mask the cause.
-A process killed by signal n counts as 128 + n. SIGTERM/SIGINT to the launcher is forwarded to
-every process.
+with `jcdm.exit_codes.combine`, the policy the infra/ launchers use too: 3 (numerical) > 2 (usage)
+> 75 (preempted) > the first other failure > 0, so a survivor that exits 1 because its peer stopped
+first does not mask the cause. A process killed by signal n counts as 128 + n. SIGTERM/SIGINT to
+the launcher is forwarded to every process.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import threading
 import time
 from typing import IO
 
+from jcdm import exit_codes
+
 NOISE = ("[Gloo]", "Gloo connected", "absl::InitializeLog")
-PRIORITY = (3, 2, 75)  # numerical, usage, preempted: the codes that explain a whole-job stop
 
 
 def free_port() -> int:
@@ -124,6 +125,9 @@ def launch(
             for i, p in enumerate(procs):
                 if codes[i] is None and p.poll() is not None:
                     codes[i] = p.returncode
+                    with lock:
+                        sys.stdout.write(f"[launch] process {i} exited with code {p.returncode}\n")
+                        sys.stdout.flush()
                     if p.returncode != 0 and first_failure is None:
                         first_failure = time.monotonic()
             if first_failure is not None and time.monotonic() - first_failure > kill_after:
@@ -153,13 +157,7 @@ def launch(
     return rc
 
 
-def combine(codes: list[int]) -> int:
-    """One exit code for the job, with the policy of infra/slurm/jcdm.sbatch."""
-    codes = [c if c >= 0 else 128 - c for c in codes]  # killed by signal n -> 128 + n
-    for c in PRIORITY:
-        if c in codes:
-            return c
-    return next((c for c in codes if c != 0), 0)
+combine = exit_codes.combine  # one exit code for the job (the launchers' policy)
 
 
 def main(argv: list[str] | None = None) -> None:

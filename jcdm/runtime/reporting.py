@@ -8,7 +8,7 @@ its last save, and about to be recomputed), so the file reads as if the run had 
 
 from __future__ import annotations
 
-import io
+import io as stdlib_io
 import json
 import math
 import os
@@ -19,6 +19,8 @@ from typing import Any
 import gin
 import numpy as np
 from etils import epath
+
+from jcdm.runtime import io
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -48,24 +50,9 @@ def save_png(path: str | epath.Path, image: np.ndarray, scale: int = 1) -> None:
     pil = Image.fromarray(image)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
+    buf = stdlib_io.BytesIO()
     pil.save(buf, format="PNG")
-    _write_atomically(epath.Path(path), buf.getvalue())
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-    """Readers never see a half-written file: a local file is renamed into place; an object in a
-    bucket appears whole when its upload completes."""
-    if not _is_local(path):
-        path.write_bytes(data)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    io.write_bytes(path, buf.getvalue())
 
 
 @gin.configurable(module="jcdm")
@@ -115,7 +102,7 @@ class Reporter:
         self._wandb = None
         if not enabled:
             return
-        (self.workdir / "samples").mkdir(parents=True, exist_ok=True)
+        io.mkdirs(self.workdir / "samples")
         self._metrics = _MetricsFile(self.workdir / "metrics.jsonl", resume_step, upload_every_s)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
@@ -126,7 +113,7 @@ class Reporter:
                 name=wandb_cfg.name or run_id,
                 id=run_id,
                 resume="allow",
-                dir=workdir if _is_local(self.workdir) else None,  # W&B writes local files
+                dir=workdir if io.is_local(self.workdir) else None,  # W&B writes local files
                 mode=wandb_cfg.mode,
                 tags=list(wandb_cfg.tags),
                 config={"gin": config_text},
@@ -220,14 +207,14 @@ class _MetricsFile:
 
     def __init__(self, path: epath.Path, resume_step: int, upload_every_s: float):
         self.path = path
-        self.local = _is_local(path)
+        self.local = io.is_local(path)
         self.upload_every_s = upload_every_s
-        rows = path.read_text().splitlines() if path.exists() else []
+        rows = io.read_text(path).splitlines() if io.exists(path) else []
         steps = [(_row_step(r), r) for r in rows]
         kept = [r for s, r in steps if s is not None and s <= resume_step]
         if len(kept) != len(rows):
             # Rows past the checkpoint were written after the last save of an interrupted run.
-            _write_atomically(path, "".join(r + "\n" for r in kept).encode())
+            io.write_text(path, "".join(r + "\n" for r in kept))
         self._rows = kept  # only kept in memory for a bucket
         self._uploaded = time.monotonic()
         self._dirty = False
@@ -244,7 +231,7 @@ class _MetricsFile:
             self._upload()
 
     def _upload(self) -> None:
-        self.path.write_text("".join(r + "\n" for r in self._rows))
+        io.write_text(self.path, "".join(r + "\n" for r in self._rows))
         self._uploaded = time.monotonic()
         self._dirty = False
 
@@ -272,6 +259,22 @@ def _hms(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_uptime_s() -> float:
+    """Seconds since this process started (Linux: from /proc, so the interpreter's start-up and
+    imports count), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 class Stopwatch:

@@ -10,7 +10,6 @@ Writes `<workdir>/inference/step_<N>/` with `samples_<k>step.npz` (uint8 NHWC, k
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 
 from jcdm.runtime import checkpoint as ckpt_lib
-from jcdm.runtime import reporting
+from jcdm.runtime import io, reporting
 from jcdm.training import evaluation
 from jcdm.training import sampler as sampler_lib
 from jcdm.training import train as train_lib
@@ -68,10 +67,10 @@ def inference(
     sampler = sampler_lib.Sampler(
         built.networks, built.cfg, built.mesh, built.state_sh.ema_params, built.image_shape
     )
-    out_dir = os.path.join(workdir, "inference", f"step_{step}")
+    out_dir = io.path(workdir) / "inference" / f"step_{step}"  # local or a bucket
     is_main = jax.process_index() == 0
     if is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        io.mkdirs(out_dir)
     results: dict = {"step": step, "num_samples": num_samples}
     fid_eval = None
     if fid_stats:
@@ -104,8 +103,7 @@ def inference(
         if is_main:
             _write(out_dir, f"edm{head_sampler_steps}", images)
     if is_main:
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        io.write_json(out_dir / "results.json", results)
     log.info("inference results in %s: %s", out_dir, results)
     return results
 
@@ -136,13 +134,11 @@ def _intermediate(k: int, given, cfg) -> tuple[float, ...]:
     return tuple(float(s) for s in grid[1:-1])
 
 
-def _write(out_dir: str, tag: str, images: np.ndarray) -> None:
+def _write(out_dir, tag: str, images: np.ndarray) -> None:
     u8 = reporting.to_uint8(images)
-    tmp = os.path.join(out_dir, f"samples_{tag}.tmp.npz")
-    np.savez(tmp, images=u8)
-    os.replace(tmp, os.path.join(out_dir, f"samples_{tag}.npz"))
+    io.write_npz(io.path(out_dir) / f"samples_{tag}.npz", images=u8)
     grid = reporting.image_grid(u8[:64])
-    reporting.save_png(os.path.join(out_dir, f"grid_{tag}.png"), grid, max(1, 128 // u8.shape[1]))
+    reporting.save_png(io.path(out_dir) / f"grid_{tag}.png", grid, max(1, 128 // u8.shape[1]))
 
 
 def run(*, workdir: str) -> dict:

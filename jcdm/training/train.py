@@ -6,6 +6,7 @@ operative config is written to `<workdir>/config.gin` once every section has bee
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,17 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from jax.experimental import multihost_utils
 
 from jcdm import data as data_lib
 from jcdm import models
 from jcdm.ict import objective
 from jcdm.runtime import checkpoint as ckpt_lib
+from jcdm.runtime import io, peers, reporting, stall
 from jcdm.runtime import mesh as mesh_lib
 from jcdm.runtime import preemption as preemption_lib
-from jcdm.runtime import reporting
-from jcdm.training import evaluation
+from jcdm.training import evaluation, faults
 from jcdm.training import sampler as sampler_lib
 from jcdm.training import step as step_lib
 
@@ -48,6 +48,33 @@ class Preempted(Exception):
 
 class NumericalError(RuntimeError):
     """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class StartupError(Exception):
+    """A deterministic problem found before the first step (configuration, data, mesh, or
+    checkpoints that do not fit the configuration): restarting cannot help (exit 2)."""
+
+
+# Raised before the first step, these are a configuration's doing, not a transient fault: a
+# retry would fail the same way. OSError in general (a bucket or disk hiccup), timeouts and
+# runtime errors stay retryable.
+NOT_RETRYABLE = (
+    ValueError,  # includes MeshError, DataError, gin's and the configurables' own checks
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    ckpt_lib.CheckpointMismatch,
+)
+
+
+@contextlib.contextmanager
+def startup_errors():
+    """Re-raise a NOT_RETRYABLE error of the enclosed start-up code as a StartupError."""
+    try:
+        yield
+    except NOT_RETRYABLE as e:
+        raise StartupError(f"{type(e).__name__}: {e}") from e
 
 
 @gin.configurable(module="jcdm")
@@ -80,13 +107,30 @@ class Built:
     abstract_state: step_lib.TrainState
     state_sh: step_lib.TrainState
     batch_sh: jax.sharding.NamedSharding
-    update: Callable  # compiled: (state, images) -> (state, metrics); donates state
+    update: Callable | None  # compiled: (state, images) -> (state, metrics); donates state
     update_fn: Callable  # the same function before jit (bench/ lowers it to count FLOPs)
     batch_struct: jax.ShapeDtypeStruct
     compile_s: float
     num_params: dict[str, int]
 
     global_batch_size: int
+
+    def compile(self) -> None:
+        """Lower and compile the update (a persistent-cache hit on a restart, see
+        jcdm.runtime.compile_cache); sets `update` and `compile_s`."""
+        t0 = time.perf_counter()
+        self.update = (
+            jax.jit(
+                self.update_fn,
+                in_shardings=(self.state_sh, self.batch_sh),
+                out_shardings=(self.state_sh, mesh_lib.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            .lower(self.abstract_state, self.batch_struct)
+            .compile()
+        )
+        self.compile_s = time.perf_counter() - t0
+        log.info("train step compiled in %.1fs", self.compile_s)
 
     def put_batch(self, local: np.ndarray) -> jax.Array:
         """This process's rows -> the global batch array on the mesh."""
@@ -156,24 +200,7 @@ def build(
         unroll=unroll_steps,
     )
     batch_struct = jax.ShapeDtypeStruct(batch_shape, jnp.float32)
-    t0 = time.perf_counter()
-    compiled = (
-        None
-        if not compile_update
-        else (
-            jax.jit(
-                update,
-                in_shardings=(state_sh, batch_sh),
-                out_shardings=(state_sh, mesh_lib.replicated(mesh)),
-                donate_argnums=0,
-            )
-            .lower(abstract_state, batch_struct)
-            .compile()
-        )
-    )
-    compile_s = time.perf_counter() - t0
-    log.info("train step compiled in %.1fs", compile_s)
-    return Built(
+    built = Built(
         mesh=mesh,
         data_it=data_it,
         image_shape=image_shape,
@@ -183,13 +210,16 @@ def build(
         abstract_state=abstract_state,
         state_sh=state_sh,
         batch_sh=batch_sh,
-        update=compiled,
+        update=None,
         update_fn=update,
         batch_struct=batch_struct,
-        compile_s=compile_s,
+        compile_s=0.0,
         num_params=num_params,
         global_batch_size=global_batch_size,
     )
+    if compile_update:
+        built.compile()
+    return built
 
 
 def init_or_restore(built: Built, checkpointer: ckpt_lib.Checkpointer, seed: int):
@@ -226,80 +256,104 @@ def train(
     unroll_steps: bool = False,
     log_every: int = 100,
     nan_at_step: int = -1,
+    test_fault: str = "",
 ) -> int:
     """Train until `num_steps`; resume from `workdir` if it holds checkpoints. Returns the step.
 
     `curriculum_steps` is K in N(k) (None: num_steps, as iCT ties the curriculum to the run).
     `steps_per_call` updates run inside one compiled call (a scan; `unroll_steps` unrolls it, for
     XLA:CPU, where a loop body's convolutions are slow). Sample grids and FID follow
-    `EvalConfig` / `FIDConfig`, saves `CheckpointConfig`. `nan_at_step` is a test hook that
-    poisons the loss at that step.
+    `EvalConfig` / `FIDConfig`, saves `CheckpointConfig`, stall detection `StallConfig`.
+    Test hooks: `nan_at_step` poisons the loss at that step; `test_fault` (see `faults.parse`)
+    hangs the main thread or raises at a step.
+
+    Errors: a deterministic problem found before the first step (configuration, data, mesh, a
+    checkpoint that does not fit) raises `StartupError` (exit 2, not retried); anything after
+    training has started is a failure to retry (exit 1), except a handled preemption
+    (`Preempted`, exit 75) and a non-finite loss (`NumericalError`, exit 3).
     """
     if log_every < 1 or steps_per_call < 1:
-        raise ValueError("train needs log_every >= 1 and steps_per_call >= 1")
+        raise StartupError("train needs log_every >= 1 and steps_per_call >= 1")
     is_main = jax.process_index() == 0
     owns_watcher = preemption_lib.active() is None  # jcdm.main installs it before startup
     preemption = preemption_lib.install()
-    eval_cfg, fid_cfg = evaluation.EvalConfig(), evaluation.FIDConfig()  # errors before compiling
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a bucket URL
-    built = build(
-        global_batch_size=global_batch_size,
-        seed=seed,
-        total_steps=curriculum_steps or num_steps,
-        ema_decay=ema_decay,
-        steps_per_call=steps_per_call,
-        unroll_steps=unroll_steps,
-        nan_at_step=nan_at_step,
-    )
-    data_it = built.data_it
-
-    # --- Checkpoint ------------------------------------------------------------------------
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    state = init_or_restore(built, checkpointer, seed)
-    start_step = int(state.step)
-
-    # --- Eval ------------------------------------------------------------------------------
-    reporter = reporting.Reporter(
-        workdir,
-        enabled=is_main,
-        num_steps=num_steps,
-        run_id=run_id or _persistent_run_id(workdir),
-        wandb_cfg=reporting.WandbConfig(),
-        config_text=gin.config_str(),
-        resume_step=start_step,
-    )
-    if is_main:
-        (epath.Path(workdir) / "config.gin").write_text(gin.operative_config_str())
-    sampler = sampler_lib.Sampler(
-        built.networks,
-        built.cfg,
-        built.mesh,
-        built.state_sh.ema_params,
-        built.image_shape,
-        two_step_sigma=eval_cfg.two_step_sigma,
-    )
-    evaluator = evaluation.PeriodicEval(
-        sampler, reporter, seed=seed, stride=steps_per_call, cfg=eval_cfg, fid_cfg=fid_cfg
-    )
+    progress = stall.progress
+    with startup_errors():
+        fault = faults.parse(test_fault)
+        eval_cfg, fid_cfg = evaluation.EvalConfig(), evaluation.FIDConfig()  # before compiling
+        stall_cfg = stall.StallConfig()
+        io.mkdirs(workdir)  # a local path or a bucket URL
+        built = build(
+            global_batch_size=global_batch_size,
+            seed=seed,
+            total_steps=curriculum_steps or num_steps,
+            ema_decay=ema_decay,
+            steps_per_call=steps_per_call,
+            unroll_steps=unroll_steps,
+            nan_at_step=nan_at_step,
+            compile_update=False,
+        )
+        data_it = built.data_it
+        # Restore before compiling: a checkpoint that does not fit the configuration stops the
+        # run at once, and restart time splits into its parts.
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+        t0 = time.perf_counter()
+        state = init_or_restore(built, checkpointer, seed)
+        restore_s = time.perf_counter() - t0
+        built.compile()
+        start_step = int(state.step)
+        reporter = reporting.Reporter(
+            workdir,
+            enabled=is_main,
+            num_steps=num_steps,
+            run_id=run_id or _persistent_run_id(workdir),
+            wandb_cfg=reporting.WandbConfig(),
+            config_text=gin.config_str(),
+            resume_step=start_step,
+        )
+        if is_main:
+            io.write_text(io.path(workdir) / "config.gin", gin.operative_config_str())
+        sampler = sampler_lib.Sampler(
+            built.networks,
+            built.cfg,
+            built.mesh,
+            built.state_sh.ema_params,
+            built.image_shape,
+            two_step_sigma=eval_cfg.two_step_sigma,
+        )
+        evaluator = evaluation.PeriodicEval(
+            sampler, reporter, seed=seed, stride=steps_per_call, cfg=eval_cfg, fid_cfg=fid_cfg
+        )
 
     # --- Loop ------------------------------------------------------------------------------
     step = start_step
     window_t, window_step = time.perf_counter(), step
     clock = reporting.Stopwatch()
     last_metrics: dict = {"compile_s": built.compile_s}
+    monitor = stall.Monitor(stall_cfg, announce=peers.announce_stall) if stall_cfg.enabled else None
 
     def save(step: int) -> None:  # every save: regular, final and preemption
         _check_finite(state, step)
         metrics = {**last_metrics, **evaluator.fid_metrics}
-        checkpointer.save(step, state, data_it, force=True, metrics=metrics)
+        with progress.paused():
+            checkpointer.save(step, state, data_it, force=True, metrics=metrics)
 
     try:
+        loop_uptime = reporting.process_uptime_s()
+        preemption.begin(start_step, steps_per_call)
+        progress.start(start_step)
+        if monitor is not None:
+            monitor.start()
         while step < num_steps:
+            fault.at_boundary(step)
             local = np.stack([next(data_it)["image"] for _ in range(steps_per_call)])
             batch = built.put_batch(local if steps_per_call > 1 else local[0])
-            state, metrics = built.update(state, batch)
+            with progress.on_device():
+                state, metrics = built.update(state, batch)
             step += steps_per_call
             final = step >= num_steps
+            if step == start_step + steps_per_call:
+                _log_first_step(step, metrics, loop_uptime, restore_s, built.compile_s)
 
             if final or evaluation.crossed(step, log_every, steps_per_call):
                 m = jax.device_get(metrics)
@@ -312,16 +366,26 @@ def train(
                 last_metrics.pop("compile_s", None)
                 reporter.progress(step, float(m["loss"]), ips, clock.elapsed())
             # After logging, so the step's metrics row exists and is stored with the checkpoint;
-            # at the final step the final save below does the job.
-            if not final and preemption.should_stop():
+            # at the final step the final save below does the job. Every process asks at every
+            # boundary (the agreement needs it), the final one included.
+            if preemption.should_stop(step) and not final:
                 save(step)
-                checkpointer.wait()
+                with progress.paused():
+                    checkpointer.wait()
                 raise Preempted(step)
-            evaluator.maybe_run(step, state.ema_params, final=final)
+            with progress.paused():
+                evaluator.maybe_run(step, state.ema_params, final=final)
             if final or evaluation.crossed(step, checkpointer.cfg.save_every, steps_per_call):
                 save(step)
+            checkpointer.raise_if_failed()  # a failed background save ends the run now
+            progress.beat(step)
+        progress.stop()
         checkpointer.wait()
+        checkpointer.require_committed(step)  # never exit 0 without the final checkpoint
     finally:
+        progress.stop()
+        if monitor is not None:
+            monitor.close()
         checkpointer.close()
         reporter.close()
         if owns_watcher:
@@ -329,6 +393,22 @@ def train(
     multihost_utils.sync_global_devices("jcdm train finished")
     reporting.print_next_steps(workdir, enabled=is_main)
     return step
+
+
+def _log_first_step(step, metrics, loop_uptime: float, restore_s: float, compile_s: float):
+    """How long the (re)start took, split into its parts (bench/soak.py reads this line)."""
+    jax.block_until_ready(metrics)  # once per start: the first step's end, not its dispatch
+    total = reporting.process_uptime_s()
+    log.info(
+        "first step %d done %.2fs after process start: start-up %.2fs, restore %.2fs, "
+        "compile %.2fs, first step %.2fs",
+        step,
+        total,
+        loop_uptime - restore_s - compile_s,
+        restore_s,
+        compile_s,
+        total - loop_uptime,
+    )
 
 
 def _check_finite(state, step: int) -> None:
@@ -344,12 +424,12 @@ def _check_finite(state, step: int) -> None:
 def _persistent_run_id(workdir: str) -> str:
     """One run id per workdir (the W&B run id), created once by process 0 and read back after
     restarts; broadcast so every process agrees without reading the workdir."""
-    path = epath.Path(workdir) / "run_id"
+    path = io.path(workdir) / "run_id"
     run_id = ""
     if jax.process_index() == 0:
-        if not path.exists():
-            path.write_text(uuid.uuid4().hex[:12])
-        run_id = path.read_text().strip()
+        if not io.exists(path):
+            io.write_text(path, uuid.uuid4().hex[:12])
+        run_id = io.read_text(path).strip()
     buf = np.zeros(64, np.uint8)
     buf[: len(run_id)] = np.frombuffer(run_id.encode(), np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))

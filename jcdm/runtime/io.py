@@ -1,0 +1,126 @@
+"""Every file the trainer, inference and tools write goes through here (system code).
+
+Paths may be local or bucket URLs (`gs://...`, through `etils.epath`, which Orbax uses too), so
+a bucket workdir receives every output instead of a local folder named `gs:`. Writes are atomic:
+a reader never sees half a file, whatever kills the writer.
+
+- Local: the bytes go to a uniquely named temporary file in the same folder, which is flushed,
+  fsynced and renamed over the target (`os.replace` is atomic on POSIX); a failed write removes
+  its temporary file.
+- Bucket: an object appears whole when its upload completes, so the object is written directly.
+
+Errors are OSErrors naming the path (a disk-full or permission error without a file name gets
+one), so a caller's message can say which file could not be written and why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def path(p: PathLike) -> epath.Path:
+    """`p` as an `epath.Path` (local path or bucket URL)."""
+    return p if isinstance(p, epath.Path) else epath.Path(p)
+
+
+def is_local(p: PathLike) -> bool:
+    """True for a local path, False for a bucket URL (`scheme://...`)."""
+    return "://" not in os.fspath(p)
+
+
+def _named(e: OSError, p: PathLike) -> OSError:
+    """The same error with the path filled in when the OS did not give one (e.g. ENOSPC)."""
+    if e.filename is None and e.errno is not None:
+        return type(e)(e.errno, e.strerror or str(e), os.fspath(p))
+    return e
+
+
+def write_bytes(p: PathLike, data: bytes, *, makedirs: bool = True) -> epath.Path:
+    """Write `data` to `p` atomically; creates the parent folders unless `makedirs=False`."""
+    target = path(p)
+    if makedirs:
+        mkdirs(target.parent)
+    if not is_local(target):
+        target.write_bytes(data)
+        return target
+    fd, tmp = tempfile.mkstemp(
+        dir=os.fspath(target.parent), prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data on a crash
+        os.replace(tmp, os.fspath(target))
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _named(e, target) from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return target
+
+
+def write_text(p: PathLike, text: str, *, makedirs: bool = True) -> epath.Path:
+    return write_bytes(p, text.encode("utf-8"), makedirs=makedirs)
+
+
+def write_json(p: PathLike, obj: Any, *, indent: int | None = 1) -> epath.Path:
+    """JSON with a trailing newline; NaN/inf are written as JSON's extension tokens."""
+    return write_text(p, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_npz(p: PathLike, **arrays: np.ndarray) -> epath.Path:
+    """An uncompressed .npz of `arrays` (built in memory, then written atomically)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return write_bytes(p, buf.getvalue())
+
+
+def read_bytes(p: PathLike) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+    return path(p).read_text()
+
+
+def read_json(p: PathLike) -> Any:
+    return json.loads(read_text(p))
+
+
+def exists(p: PathLike) -> bool:
+    return path(p).exists()
+
+
+def mkdirs(p: PathLike) -> epath.Path:
+    """Create folder `p` and its parents (a no-op in a bucket, where folders are prefixes)."""
+    target = path(p)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _named(e, target) from e
+    return target
+
+
+def commit_local_file(partial: PathLike, final: PathLike) -> None:
+    """Rename a finished local file (written by a library that needs a local path) into place."""
+    if not (is_local(partial) and is_local(final)):
+        raise ValueError(f"commit_local_file needs local paths, got {partial} -> {final}")
+    os.replace(os.fspath(partial), os.fspath(final))
+
+
+def _remove_quietly(p: str) -> None:
+    try:
+        os.remove(p)
+    except OSError:
+        pass
