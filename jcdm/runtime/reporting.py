@@ -196,7 +196,7 @@ def print_next_steps(workdir: str, *, enabled: bool, file=None) -> list[str]:
 
 def _short(path: str) -> str:
     """A local path relative to the current directory when it lies inside it."""
-    if not _is_local(epath.Path(path)):
+    if not io.is_local(path):
         return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel

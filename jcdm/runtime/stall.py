@@ -47,8 +47,9 @@ class StallConfig:
     gives its peers to report their own stall. `peer_silence_s`: a peer whose heartbeats stop for
     this long is stalled (stopped or frozen). It must stay well below JAX's own detection, which
     aborted the survivor (SIGABRT, no name) 18 s after a SIGSTOP with `initialize`'s
-    heartbeat_timeout of 30 s (measured). `heartbeat_s`: seconds between heartbeats. `enabled`: False turns the
-    local check and the heartbeats off (the peer watchdog still reports dead peers).
+    heartbeat_timeout of 30 s (measured). `heartbeat_s`: seconds between heartbeats. `enabled`:
+    False turns the local check and the heartbeats off (the peer watchdog still reports dead
+    peers).
     """
 
     def __init__(
