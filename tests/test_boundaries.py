@@ -43,6 +43,9 @@ RULES = {
     # The networks are pure Flax modules: no training loop, runtime or data underneath them.
     "jcdm.models": ["jcdm.training", "jcdm.runtime", "jcdm.data", "optax", "orbax", "grain"],
 }
+# Shared plumbing a layer may use although its package is otherwise out of bounds: the one I/O
+# module (atomic local-or-bucket writes) is system code without any runtime state.
+ALLOWED = {"jcdm.data": ["jcdm.runtime", "jcdm.runtime.io"]}
 
 
 def module_file(name: str) -> Path | None:
@@ -119,7 +122,7 @@ def test_layer_imports_stay_inside_its_boundary(layer):
         f"{name} (imported by {by})"
         for name, by in seen.items()
         for forbidden in RULES[layer]
-        if _hits(name, forbidden)
+        if _hits(name, forbidden) and name not in ALLOWED.get(layer, ())
     )
     assert not bad, f"{layer} must not import {RULES[layer]}; found: {bad}"
 
