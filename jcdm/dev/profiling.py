@@ -263,3 +263,30 @@ def format_summary(s: dict) -> str:
             f" {o['op'][:40]:40s} {o['hlo'][:70]}"
         )
     return "\n".join(lines)
+
+
+# Entry-computation instructions that launch no work of their own.
+_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"}
+
+
+def entry_op_counts(hlo_text: str) -> dict[str, int]:
+    """Category -> number of instructions in the ENTRY computation of a compiled module's text,
+    leaving out those that do no work (parameters, tuples, bitcasts, constants). After XLA's
+    fusion passes each remaining instruction is roughly one kernel launch (a convolution, a
+    fusion, a copy), so the total counts what a step pays in launches, on any backend."""
+    bodies = _called_computations(hlo_text)
+    entry = next(
+        (bodies.get(m.group(1), "") for m in re.finditer(r"^ENTRY\s+%?([\w.\-]+)", hlo_text, re.M)),
+        "",
+    )
+    counts: collections.Counter = collections.Counter()
+    for line in entry.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        rest = re.sub(r",?\s*metadata=\{[^}]*\}", "", m.group(2))
+        op = re.search(r"(?:^|\s)([a-z][\w\-]*)\(", rest)
+        if op and op.group(1) in _FREE:
+            continue
+        counts[categorize(rest, bodies)] += 1
+    return {"total": sum(counts.values()), **dict(sorted(counts.items()))}

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from jcdm.ict import objective
-from jcdm.ict.losses import ema_decay_at, ema_update
+from jcdm.ict.losses import ema_decay_at
+from jcdm.training import update as update_lib
 
 
 @gin.configurable(module="jcdm")
@@ -80,9 +81,7 @@ class Networks:
         return params
 
 
-def init_state(
-    seed: jax.Array, networks: Networks, tx: optax.GradientTransformation, image_shape
-) -> TrainState:
+def init_state(seed: jax.Array, networks: Networks, tx, image_shape) -> TrainState:
     """A fresh state from an integer seed.
 
     Parameter init draws one random tensor per layer with an "unsafe_rbg" key: XLA compiles
@@ -106,12 +105,13 @@ def init_state(
 
 def make_train_step(
     networks: Networks,
-    tx: optax.GradientTransformation,
+    tx: update_lib.FusedRAdam | update_lib.PerLeaf | optax.GradientTransformation,
     cfg: objective.ICTConfig,
     *,
     total_steps: int,
     ema_decay: float,
     ema_warmup_steps: int | None = None,
+    packable: Any = None,
     nan_at_step: int = -1,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """Return the un-jitted update: (state, images [B,H,W,C] in [-1, 1]) -> (state, metrics).
@@ -120,8 +120,10 @@ def make_train_step(
     `nonfinite_step` and freezes every later update; the host loop checks that field before each
     save and stops, so no broken state is ever checkpointed. `nan_at_step` injects a NaN into the
     loss at that step (a test hook, set through gin). `ema_warmup_steps` None: the gin-bound
-    `EMAConfig.warmup_steps`.
+    `EMAConfig.warmup_steps`. `tx`: see `jcdm.training.update.as_update`; `packable`: which
+    parameter leaves the fused optimizer may pack (`update.replicated_leaves`; None = all).
     """
+    opt = update_lib.as_update(tx)
     if ema_warmup_steps is None:
         ema_warmup_steps = EMAConfig().warmup_steps
     head = networks.head_apply if networks.head is not None else None
@@ -145,19 +147,26 @@ def make_train_step(
     def train_step(state: TrainState, x: jax.Array):
         key = jax.random.fold_in(state.rng, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(state.step, ema_decay, ema_warmup_steps)
-        ema = ema_update(state.ema_params, params, decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        ok = finite & (state.nonfinite_step < 0)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        first_bad = (state.nonfinite_step < 0) & ~finite
-        new = new.replace(nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step))
-        metrics = dict(metrics, grad_norm=grad_norm)
-        return new, metrics
+        frozen = state.nonfinite_step >= 0
+        u = opt.step(
+            grads,
+            state.params,
+            state.opt_state,
+            state.ema_params,
+            ema_decay=ema_decay_at(state.step, ema_decay, ema_warmup_steps),
+            frozen=frozen,
+            loss_finite=jnp.isfinite(metrics["loss"]),
+            packable=packable,
+        )
+        # A kept (non-finite or frozen) step changes nothing but the record of the first bad one.
+        new = state.replace(
+            step=jnp.where(u.kept, state.step, state.step + 1),
+            params=u.params,
+            opt_state=u.opt_state,
+            ema_params=u.ema_params,
+            nonfinite_step=jnp.where(u.kept & ~frozen, state.step, state.nonfinite_step),
+        )
+        return new, dict(metrics, grad_norm=u.grad_norm)
 
     return train_step
 

@@ -31,6 +31,7 @@ from jcdm.runtime import preemption as preemption_lib
 from jcdm.training import evaluation, faults
 from jcdm.training import sampler as sampler_lib
 from jcdm.training import step as step_lib
+from jcdm.training import update as update_lib
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,26 @@ def startup_errors():
 
 @gin.configurable(module="jcdm")
 def make_optimizer(
-    *, learning_rate: float = 1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-) -> optax.GradientTransformation:
-    """RAdam, constant learning rate, no warmup or clipping (docs/recipe.md section 1)."""
-    return optax.radam(learning_rate, b1=b1, b2=b2, eps=eps)
+    *,
+    learning_rate: float = 1e-4,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    impl: str = "fused",
+) -> update_lib.FusedRAdam | update_lib.PerLeaf:
+    """RAdam, constant learning rate, no warmup or clipping (docs/recipe.md section 1).
+
+    `impl`: 'fused' (RAdam + EMA + guard in one pass over packed parameters) or 'optax'
+    (`optax.radam` leaf by leaf); same numbers and checkpoint layout (jcdm.training.update).
+    """
+    if impl == "fused":
+        return update_lib.FusedRAdam(learning_rate, b1=b1, b2=b2, eps=eps)
+    if impl == "optax":
+        return update_lib.PerLeaf(optax.radam(learning_rate, b1=b1, b2=b2, eps=eps))
+    raise ValueError(
+        f"make_optimizer.impl must be one of {update_lib.IMPLS}, got {impl!r}; set "
+        "make_optimizer.impl = 'fused' (default) or 'optax'"
+    )
 
 
 @gin.configurable(module="jcdm")
@@ -194,6 +211,7 @@ def build(
             cfg,
             total_steps=total_steps,
             ema_decay=ema_decay,
+            packable=update_lib.replicated_leaves(state_sh.params),
             nan_at_step=nan_at_step,
         ),
         steps_per_call,
