@@ -158,20 +158,31 @@ def positional_embedding(c_noise: jax.Array, dim: int, max_positions: int = 1000
     return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
+ATTN_IMPLS = ("einsum", "xla", "cudnn")
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels with a residual connection (NCSN++ AttnBlockpp).
 
     q/k/v are one fused [C, 3C] matmul; the output projection uses ``init_scale`` (0 -> the block
-    is the identity, up to skip_rescale, at initialisation).
+    is the identity, up to skip_rescale, at initialisation). ``impl``: 'einsum' (two einsums and
+    a float32 softmax), or `jax.nn.dot_product_attention` with implementation 'xla' or 'cudnn'
+    (flash attention, GPU only): the same function, possibly faster kernels.
     """
 
     skip_rescale: bool = True
     init_scale: float = 0.0
     norm_groups: int | None = None  # None: min(C // 4, 32) (see group_norm)
+    impl: str = "einsum"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl not in ATTN_IMPLS:
+            raise ValueError(
+                f"attention impl must be one of {ATTN_IMPLS}, got {self.impl!r}: set ATTN_IMPL "
+                "(gin/joint.gin) or NCSNpp.attn_impl / ScoreHead.attn_impl to one of them"
+            )
         b, hgt, wid, c = x.shape
         h = group_norm(x, groups=self.norm_groups)
         qkv = nn.Dense(
@@ -183,10 +194,16 @@ class AttnBlock(nn.Module):
             name="qkv",
         )(h)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * c), 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        attn = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, hgt, wid, c)
-        h = dense(h, c, init_scale=self.init_scale, dtype=self.dtype, name="proj")
+        if self.impl == "einsum":
+            logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+            attn = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)
+            h = jnp.einsum("bqk,bkc->bqc", attn, v)
+        else:  # [B, T, heads=1, C]; the default scale is C^-1/2 as above
+            q, k, v = (a[:, :, None, :] for a in (q, k, v))
+            h = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)[:, :, 0, :]
+        h = dense(
+            h.reshape(b, hgt, wid, c), c, init_scale=self.init_scale, dtype=self.dtype, name="proj"
+        )
         return residual(x, h, self.skip_rescale)
 
 

@@ -58,6 +58,7 @@ class NCSNpp(nn.Module):
     dropout: float = 0.3
     fir_kernel: Sequence[float] = (1, 3, 3, 1)
     fir_impl: str = "separable"  # 'conv' | 'separable' (jcdm.models.fir): same values
+    attn_impl: str = "einsum"  # jcdm.models.layers.ATTN_IMPLS: same values
     resblock_type: str = "biggan"
     skip_rescale: bool = True
     progressive: str = "none"
@@ -133,7 +134,12 @@ class NCSNpp(nn.Module):
             return blk(h, temb, train)
 
         def attn(h):
-            blk = AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dt)
+            blk = AttnBlock(
+                skip_rescale=self.skip_rescale,
+                init_scale=self.init_scale,
+                impl=self.attn_impl,
+                dtype=dt,
+            )
             return blk(h)
 
         k, impl = tuple(self.fir_kernel), self.fir_impl

@@ -69,6 +69,7 @@ class ScoreHead(nn.Module):
     dropout: float = 0.0
     resample_kernel: Sequence[float] = (1, 1)
     fir_impl: str = "separable"  # 'conv' | 'separable' (jcdm.models.fir): same values
+    attn_impl: str = "einsum"  # jcdm.models.layers.ATTN_IMPLS: same values
     embedding_type: str = "positional"
     fourier_scale: float = 16.0
     fuse_channels: int | None = None  # None: nf * ch_mult[0] (the reference's conv1)
@@ -144,6 +145,7 @@ class ScoreHead(nn.Module):
                 skip_rescale=self.skip_rescale,
                 init_scale=self.init_scale,
                 norm_groups=groups,
+                impl=self.attn_impl,
                 dtype=dt,
             )(h)
 
