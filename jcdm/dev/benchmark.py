@@ -36,6 +36,7 @@ class StepTiming:
     flops_per_sec: float
     loss_first: float
     loss_last: float
+    entry_ops: dict = dataclasses.field(default_factory=dict)  # profiling.entry_op_counts
     profile: dict | None = None  # jcdm.dev.profiling.summarize of a trace, when asked for
 
 
@@ -112,6 +113,21 @@ def _timed_rounds(call: Callable[[], object], *, calls: int, rounds: int) -> flo
     return statistics.median(per_call)
 
 
+def build_configured():
+    """`jcdm.training.train.build` (compiled) for the parsed gin config's batch and steps per
+    call: what a run of that config compiles (with a persistent cache, what it stores)."""
+    from jcdm.training import train as train_lib
+
+    return train_lib.build(
+        global_batch_size=int(gin.query_parameter("train.global_batch_size")),
+        seed=0,
+        total_steps=1000,
+        ema_decay=0.999,
+        steps_per_call=int(gin.query_parameter("train.steps_per_call")),
+        unroll_steps=bool(gin.query_parameter("train.unroll_steps")),
+    )
+
+
 def time_train_step(
     name: str,
     *,
@@ -127,18 +143,8 @@ def time_train_step(
     With `profile_dir`, `profile_calls` more calls are traced there after the timing and
     summarised per HLO op (`jcdm.dev.profiling`); the trace's path is in the summary.
     """
-    from jcdm.training import train as train_lib
-
-    gbs = int(gin.query_parameter("train.global_batch_size"))
-    spc = int(gin.query_parameter("train.steps_per_call"))
-    built = train_lib.build(
-        global_batch_size=gbs,
-        seed=0,
-        total_steps=1000,
-        ema_decay=0.999,
-        steps_per_call=spc,
-        unroll_steps=bool(gin.query_parameter("train.unroll_steps")),
-    )
+    built = build_configured()
+    gbs, spc = built.global_batch_size, int(gin.query_parameter("train.steps_per_call"))
     # the update of a k-step call scans k steps: its count is k steps
     flops = model_flops(built.update_fn, built.abstract_state, built.batch_struct)
     flops_per_step = flops / spc
@@ -158,13 +164,14 @@ def time_train_step(
     per_call = _timed_rounds(call, calls=calls, rounds=rounds)
     losses.append(float(jax.device_get(call())["loss"]))
     step_s = per_call / spc
+    from jcdm.dev import profiling
+
+    hlo = built.update.as_text()
     profile = None
     if profile_dir:
-        from jcdm.dev import profiling
-
         try:
             path = profiling.trace_calls(call, calls=profile_calls, logdir=profile_dir)
-            profile = profiling.summarize(path, built.update.as_text(), calls=profile_calls)
+            profile = profiling.summarize(path, hlo, calls=profile_calls)
             profile["trace"] = str(path)
         except Exception as e:  # the timing stands without it; the row says why it has none
             profile = {"error": f"{type(e).__name__}: {e}"}
@@ -180,6 +187,7 @@ def time_train_step(
         flops_per_sec=flops_per_step / step_s,
         loss_first=losses[0],
         loss_last=losses[-1],
+        entry_ops=profiling.entry_op_counts(hlo),
         profile=profile,
     )
 
