@@ -2,8 +2,8 @@
 
 Every run goes through `python -m jcdm.dev.launch_local` on the smoke model, 2 processes x 4 CPU
 devices with FSDP (a 2x4 mesh), unless said otherwise. One module-scoped fixture runs them all,
-two at a time, because XLA:CPU compiles dominate (process 1 never hits the persistent compile
-cache, so every 2-process launch compiles once):
+two at a time, because XLA:CPU compiles dominate (a launch whose program is not yet in the
+persistent compile cache compiles it on both processes):
 
     ref:    uninterrupted, 6 steps, saves at 2, 4, 6                } concurrently
     kill:   SIGKILL of both processes while step 4 is being saved   }

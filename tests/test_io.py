@@ -7,6 +7,7 @@ import errno
 import io as stdlib_io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,13 @@ def test_inference_outputs_and_fid_stats_reach_the_bucket(tmp_path, monkeypatch)
             "gs://b/stats/ref.npz",
         ]
     assert os.listdir(tmp_path) == []
+
+
+def test_local_only_outputs_refuse_a_bucket_url_with_the_way_around():
+    import argparse
+
+    assert io.local_path_arg("out/dir") == Path("out/dir")
+    with pytest.raises(
+        argparse.ArgumentTypeError, match=r"gcloud storage cp -r LOCAL_DIR gs://b/x"
+    ):
+        io.local_path_arg("gs://b/x")

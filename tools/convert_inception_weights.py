@@ -22,6 +22,7 @@ from jcdm.fid.convert import (
     save_npz,
 )
 from jcdm.fid.inception import default_weights_path
+from jcdm.runtime import io
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--output",
-        type=Path,
+        type=io.local_path_arg,
         default=None,
         help=f"output .npz (default: {default_weights_path()})",
     )

@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", nargs="?", type=Path, help="converted ArrayRecord dataset")
     parser.add_argument("--split", default="train", help="split of DATA_DIR (default: train)")
     parser.add_argument("--npz", type=Path, help="score this .npz (key `images`, uint8 NHWC)")
-    parser.add_argument("--out", type=Path, required=True, help="statistics .npz to write")
+    parser.add_argument(
+        "--out", required=True, help="statistics .npz to write (a local path or a bucket URL)"
+    )
     parser.add_argument("--batch_size", type=int, default=250, help="global images per step")
     parser.add_argument("--max_images", type=int, default=None, help="use only the first N")
     parser.add_argument("--inception_weights", type=Path, default=None)
-    parser.add_argument("--ref", type=Path, default=None, help="also print FID against these")
+    parser.add_argument("--ref", default=None, help="also print FID against these (path or URL)")
     args = parser.parse_args(argv)
     if (args.data_dir is None) == (args.npz is None):
         parser.error("give exactly one of DATA_DIR or --npz")

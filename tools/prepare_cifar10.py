@@ -32,6 +32,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 
 from jcdm.data.convert import describe
 from jcdm.exit_codes import USAGE
+from jcdm.runtime import io
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,13 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 
     cifar = sub.add_parser("cifar10", help="convert the official cifar-10-python.tar.gz")
     cifar.add_argument("--archive", required=True, type=Path, help="cifar-10-python.tar.gz")
-    cifar.add_argument("--out", required=True, type=Path, help="output root (train/, test/)")
+    cifar.add_argument(
+        "--out", required=True, type=io.local_path_arg, help="output root (train/, test/)"
+    )
     cifar.add_argument("--shards", type=int, default=8, help="train shards (default 8)")
     cifar.add_argument("--test-shards", type=int, default=2, help="test shards (default 2)")
 
     folder = sub.add_parser("folder", help="convert a folder of images of any size")
     folder.add_argument("--input", required=True, type=Path, help="folder searched recursively")
-    folder.add_argument("--out", required=True, type=Path, help="output root")
+    folder.add_argument("--out", required=True, type=io.local_path_arg, help="output root")
     folder.add_argument("--image-size", required=True, type=int, help="square output size")
     folder.add_argument("--channels", type=int, choices=(1, 3), default=3)
     folder.add_argument("--shards", type=int, default=8)
@@ -56,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     folder.add_argument("--name", default=None, help="dataset name (default: folder name)")
 
     digits = sub.add_parser("digits", help="write scikit-learn's digits (the offline demo)")
-    digits.add_argument("--out", required=True, type=Path, help="output root")
+    digits.add_argument("--out", required=True, type=io.local_path_arg, help="output root")
     digits.add_argument("--image-size", type=int, default=16)
     digits.add_argument("--shards", type=int, default=2)
 

@@ -37,6 +37,21 @@ def is_local(p: PathLike) -> bool:
     return "://" not in os.fspath(p)
 
 
+def local_path_arg(text: str):
+    """An argparse `type` for the few outputs that must be local files (ArrayRecord shards,
+    converted weights): a bucket URL is refused with the way around it, instead of becoming a
+    local folder named `gs:`."""
+    import argparse
+    from pathlib import Path
+
+    if not is_local(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a bucket URL; this output must be a local path: write it locally, then "
+            "copy it with `gcloud storage cp -r LOCAL_DIR " + text + "`"
+        )
+    return Path(text)
+
+
 def _named(e: OSError, p: PathLike) -> OSError:
     """The same error with the path filled in when the OS did not give one (e.g. ENOSPC)."""
     if e.filename is None and e.errno is not None:
