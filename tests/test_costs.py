@@ -71,6 +71,7 @@ def test_projection_takes_each_method_s_best_row():
     ]
 
 
+@pytest.mark.slow
 def test_bench_cost_projects_the_h200_measurement():
     r = subprocess.run(
         [sys.executable, "bench/cost.py", "bench/results/step_h200_bf16_separable.json"],
@@ -113,6 +114,7 @@ ENTRY %main (a: f32[2,8,8,4], w: f32[3,3,1,4]) -> (f32[4], f32[2,2]) {
     }
 
 
+@pytest.mark.slow
 def test_device_script_rows_all_parse(tmp_path):
     # The one prepared GPU call: every timed row's gin must parse before a device is spent on it.
     r = subprocess.run(
