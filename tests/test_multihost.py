@@ -170,7 +170,13 @@ def runs(repo, tmp_path_factory) -> dict[str, Run]:
     launches["2x4"].kill_at_line = rf"\[p0\] \[#*-*\] {STEPS + 1}/"
     # FSDP across two processes, with the sampler and sample grids on (EMA params sharded).
     launches["2x4_fsdp"] = Launch(
-        repo, str(work / "2x4_fsdp"), 2, 4, [*BASE, *FSDP, "--gin.EvalConfig.every=4"]
+        repo,
+        str(work / "2x4_fsdp"),
+        2,
+        4,
+        # the fused optimizer ('auto' picks per leaf on a CPU): packed replicated leaves and
+        # per-leaf sharded ones, compared with the replicated per-leaf run below
+        [*BASE, *FSDP, "--gin.EvalConfig.every=4", "--gin.make_optimizer.impl='fused'"],
     )
     deadline = time.monotonic() + 900
     results = {name: launch.result(deadline) for name, launch in launches.items()}
@@ -247,6 +253,7 @@ def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x4, run_2x4_f
     assert "mesh {'data': 2, 'fsdp': 4}" in out
     sharded = re.search(r"state sharding fsdp over fsdp=4: (\d+) arrays sharded \(([\d.]+)%", out)
     assert sharded and int(sharded[1]) > 0 and float(sharded[2]) > 50, out[-3000:]
+    assert "optimizer: FusedRAdam" in out and "optimizer: PerLeaf" in run_2x4.out
     diffs = _max_rel_diff(run_2x4_fsdp_eval, run_2x4)
     print("\nfsdp vs replicated (2x4): max rel diff", diffs)
     assert max(diffs.values()) < RTOL, diffs

@@ -118,9 +118,11 @@ def test_state_layout_is_optax_s_so_checkpoints_cross_impls():
     assert paths(fused) == paths(ref)
 
 
-def test_make_optimizer_refuses_an_unknown_impl():
+def test_make_optimizer_refuses_an_unknown_impl_and_picks_by_backend():
     with pytest.raises(ValueError, match=r"make_optimizer.impl must be one of .*'fused'"):
         train_lib.make_optimizer(impl="adamw")
+    auto = train_lib.make_optimizer()  # 'auto': per leaf on a CPU, fused on accelerators
+    assert isinstance(auto, update.PerLeaf if jax.default_backend() == "cpu" else update.FusedRAdam)
 
 
 def test_replicated_leaves_marks_what_may_be_packed():

@@ -85,20 +85,24 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    impl: str = "fused",
+    impl: str = "auto",
 ) -> update_lib.FusedRAdam | update_lib.PerLeaf:
     """RAdam, constant learning rate, no warmup or clipping (docs/recipe.md section 1).
 
-    `impl`: 'fused' (RAdam + EMA + guard in one pass over packed parameters) or 'optax'
-    (`optax.radam` leaf by leaf); same numbers and checkpoint layout (jcdm.training.update).
+    `impl`: 'fused' (RAdam + EMA + guard in one pass over packed parameters), 'optax'
+    (`optax.radam` leaf by leaf), or 'auto': 'optax' on a CPU, where a kernel launch costs no
+    more than its work and the per-leaf step compiles ~1.5x faster, 'fused' on accelerators.
+    Same numbers and checkpoint layout either way (jcdm.training.update).
     """
+    if impl == "auto":
+        impl = "optax" if jax.default_backend() == "cpu" else "fused"
     if impl == "fused":
         return update_lib.FusedRAdam(learning_rate, b1=b1, b2=b2, eps=eps)
     if impl == "optax":
         return update_lib.PerLeaf(optax.radam(learning_rate, b1=b1, b2=b2, eps=eps))
     raise ValueError(
-        f"make_optimizer.impl must be one of {update_lib.IMPLS}, got {impl!r}; set "
-        "make_optimizer.impl = 'fused' (default) or 'optax'"
+        f"make_optimizer.impl must be one of {('auto', *update_lib.IMPLS)}, got {impl!r}; set "
+        "make_optimizer.impl = 'auto' (default), 'fused' or 'optax'"
     )
 
 
@@ -186,6 +190,7 @@ def build(
     cfg = ICTConfig()
     networks = make_networks(image_shape=image_shape, head_mode=cfg.head)
     tx = make_optimizer()
+    log.info("optimizer: %s", type(tx).__name__)
     init_fn = lambda seed: step_lib.init_state(seed, networks, tx, image_shape)
     abstract_state = jax.eval_shape(init_fn, jnp.int32(seed))
     num_params = {
