@@ -3,17 +3,18 @@
 Two implementations with the same numbers (to float32 rounding) and the same state layout, so a
 checkpoint written by one restores into the other:
 
-- `FusedRAdam` (`make_optimizer.impl = 'fused'`; 'auto' picks it off CPU): every parameter leaf that the mesh
-  replicates is packed into one flat buffer per dtype, and the gradient norm, both moments, the
-  update, the EMA and the guard run as one elementwise pass over it (`jcdm.ict.optim`). Per-leaf
-  work was ~1,900 small kernels per step on the H200 (421 leaves; docs/performance.md). Leaves
-  that FSDP shards keep their own sharding and get the same arithmetic leaf by leaf: packing them
-  would gather them.
-- `PerLeaf` (`impl = 'optax'`; 'auto' picks it on a CPU): any optax transformation, `optax.apply_updates`, the EMA leaf by
-  leaf and a select over the whole state: the reference the fused path is tested against.
+- `FusedRAdam` (`make_optimizer.impl = 'fused'`; 'auto' picks it off CPU): every parameter
+  leaf that the mesh replicates is packed into one flat buffer per dtype, and the gradient norm,
+  both moments, the update, the EMA and the guard run as one elementwise pass over it
+  (`jcdm.ict.optim`). Per-leaf work was ~1,900 small kernels per step on the H200 (421 leaves;
+  docs/performance.md). Leaves that FSDP shards keep their own sharding and get the same
+  arithmetic leaf by leaf: packing them would gather them.
+- `PerLeaf` (`impl = 'optax'`; 'auto' picks it on a CPU): any optax transformation,
+  `optax.apply_updates`, the EMA leaf by leaf and a select over the whole state: the reference
+  the fused path is tested against.
 
 The packing costs a copy of gradients, parameters, moments and EMA into the buffers and back
-(a few hundred MB at the CIFAR config, bandwidth-bound and fused by XLA); the state itself keeps
+(about 1.6 GB at the CIFAR config, bandwidth-bound); the state itself keeps
 optax's tree layout for checkpoints, samplers and tools.
 """
 
