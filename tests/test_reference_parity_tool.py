@@ -44,7 +44,9 @@ def test_directory_that_is_not_the_reference_exits_2(tmp_path, capsys):
 
 def test_reference_whose_imports_fail_exits_2(tmp_path, capsys, monkeypatch):
     tool = _load_tool()
-    for rel in tool.REQUIRED_FILES:
+    from tools.parity.common import REQUIRED_FILES  # the tool put the repository on sys.path
+
+    for rel in REQUIRED_FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     (tmp_path / "model/ct/ncsnpp.py").write_text("import a_module_that_is_not_installed\n")

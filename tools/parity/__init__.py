@@ -1,0 +1,1 @@
+"""The parts of tools/reference_parity.py, the parity check against boingkiri/joint_training."""
