@@ -44,12 +44,6 @@ class Update(NamedTuple):
     kept: jax.Array  # bool: the guard left the state as it was
 
 
-def _int32_increment(count: jax.Array) -> jax.Array:
-    """count + 1, saturating at the int32 maximum (as optax's counters do)."""
-    top = jnp.iinfo(jnp.int32).max
-    return jnp.where(count < top, count + 1, count).astype(jnp.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class PerLeaf:
     """An optax transformation applied leaf by leaf, then the EMA and a select over the state."""
@@ -105,7 +99,7 @@ class FusedRAdam:
         sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for _, g, *_ in packed)
         grad_norm = jnp.sqrt(sq)
         kept = frozen | ~(loss_finite & jnp.isfinite(grad_norm))
-        count_inc = _int32_increment(radam.count)
+        count_inc = optax.safe_increment(radam.count)  # as optax.radam counts
         s = optim.radam_scalars(count_inc, b1=self.b1, b2=self.b2)
         out = [[None] * len(leaves) for _ in range(4)]  # params, mu, nu, ema
         for idx, (p, g, mu, nu, e) in zip(groups, packed, strict=True):
