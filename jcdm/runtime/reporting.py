@@ -164,8 +164,11 @@ class Reporter:
             self._wandb.finish()
 
 
-def print_next_steps(workdir: str, *, enabled: bool, file=None) -> list[str]:
+def print_next_steps(
+    workdir: str, *, enabled: bool, file=None, final_metrics: dict | None = None
+) -> list[str]:
     """End of a successful run (process 0): where the newest sample grids are and what to try next.
+    `final_metrics`: the last sample-quality numbers (FID or the digits metric), printed first.
 
     Returns the printed lines. `<workdir>/config.gin` is the run's operative config, so it serves
     as `--gin` for sampling from the run's checkpoint.
@@ -179,6 +182,11 @@ def print_next_steps(workdir: str, *, enabled: bool, file=None) -> list[str]:
     for g in grids:  # names are <tag>_<step:07d>.png: sorted order ends at the newest step
         newest[g.name.rsplit("_", 1)[0]] = _short(os.fspath(g))
     lines = [f"done: {shown}"]
+    if final_metrics:
+        shown_metrics = "  ".join(
+            f"{k}={v:.4g}" for k, v in final_metrics.items() if not k.endswith("_seconds")
+        )
+        lines.append(f"  final sample quality: {shown_metrics}")
     if newest:
         lines.append("  sample grids (newest): " + "  ".join(newest.values()))
     lines.append(f"  metrics: {_short(os.fspath(root / 'metrics.jsonl'))}")

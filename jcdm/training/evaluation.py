@@ -55,6 +55,10 @@ class FIDConfig:
 
     `every`: steps between measurements (0: never); logged as fid_1step / fid_2step and stored
     with the checkpoints (`CheckpointConfig.keep_best_fid` ranks by it).
+    `features`: 'inception' (FID), or 'digits' for the embedded 16x16 digits
+    (`jcdm.fid.digits`: a small classifier's features, seconds instead of minutes; no `stats`
+    needed) logged as digits_fd_1step plus digits_classes / digits_evenness / digits_nn_rms
+    (class coverage and the distance to the nearest training image).
     """
 
     every: int = 0
@@ -62,9 +66,15 @@ class FIDConfig:
     batch_size: int = 500
     stats: str | None = None
     inception_weights: str | None = None
+    features: str = "inception"
 
     def __post_init__(self):
-        if self.every and not self.stats:
+        if self.features not in ("inception", "digits"):
+            raise ValueError(
+                f"FIDConfig.features={self.features!r}: choose 'inception' or 'digits' (the "
+                "embedded 16x16 digits only)"
+            )
+        if self.every and self.features == "inception" and not self.stats:
             raise ValueError(
                 "FIDConfig.every > 0 needs FIDConfig.stats, a statistics file made by "
                 "tools/fid_stats.py (e.g. --gin.FIDConfig.stats=\"'data/cifar10_train_fid.npz'\")"
@@ -114,6 +124,26 @@ class FIDEvaluator:
         return float(self._fid.frechet_distance(mu, sigma, *self.ref))
 
 
+class DigitsEvaluator:
+    """`jcdm.fid.digits` metrics of consistency samples (one host array; the digits are small)."""
+
+    def __init__(self, sampler: Sampler, *, num_samples: int):
+        from jcdm.fid import digits
+
+        if tuple(sampler.image_shape) != (digits.IMAGE_SIZE, digits.IMAGE_SIZE, 1):
+            raise ValueError(
+                f"FIDConfig.features='digits' needs the digits at {digits.IMAGE_SIZE}x"
+                f"{digits.IMAGE_SIZE}x1 (make_train_iterator.dataset = 'digits', image_size = "
+                f"{digits.IMAGE_SIZE}); this run's images are {sampler.image_shape}"
+            )
+        self.sampler, self.num_samples = sampler, num_samples
+        self.metric = digits.DigitsEvaluator()
+
+    def __call__(self, params, intermediate_sigmas: Sequence[float] = (), *, seed: int = 0):
+        images = self.sampler.sample(params, self.num_samples, intermediate_sigmas, seed=seed)
+        return self.metric(images)
+
+
 def crossed(step: int, every: int, stride: int) -> bool:
     """True if the last call, which advanced the run by `stride` steps to `step`, crossed a
     multiple of `every` (`stride` = steps per compiled call; every = 0 never fires)."""
@@ -138,7 +168,9 @@ class PeriodicEval:
         self.fid_cfg = fid_cfg or FIDConfig()
         self.fid_metrics: dict = {}  # the last FID, stored with every later checkpoint
         self._fid = None
-        if self.fid_cfg.every:
+        if self.fid_cfg.every and self.fid_cfg.features == "digits":
+            self._fid = DigitsEvaluator(sampler, num_samples=self.fid_cfg.num_samples)
+        elif self.fid_cfg.every:
             self._fid = FIDEvaluator(
                 sampler,
                 stats_path=self.fid_cfg.stats,
@@ -171,12 +203,27 @@ class PeriodicEval:
 
     def fid(self, step: int, ema_params) -> dict:
         t0 = time.perf_counter()
-        out = {
-            f"fid_{tag}": self._fid(ema_params, sigmas, seed=self.seed + 1)
-            for tag, sigmas in self.samplers
-        }
+        out = {}
+        for tag, sigmas in self.samplers:
+            value = self._fid(ema_params, sigmas, seed=self.seed + 1)
+            if isinstance(value, dict):  # the digits metric: several numbers per sampler
+                out.update({f"digits_{k}_{tag}": v for k, v in value.items()})
+            else:
+                out[f"fid_{tag}"] = value
         out["fid_seconds"] = time.perf_counter() - t0
         self.reporter.write_metrics(step, out)
-        log.info("step %d: FID 1-step %.3f, 2-step %.3f", step, out["fid_1step"], out["fid_2step"])
+        if "fid_1step" in out:
+            log.info(
+                "step %d: FID 1-step %.3f, 2-step %.3f", step, out["fid_1step"], out["fid_2step"]
+            )
+        else:
+            log.info(
+                "step %d: digits FD 1-step %.2f, 2-step %.2f; classes %d / %d of 10",
+                step,
+                out["digits_fd_1step"],
+                out["digits_fd_2step"],
+                out["digits_classes_1step"],
+                out["digits_classes_2step"],
+            )
         self.fid_metrics = out
         return out

@@ -414,7 +414,7 @@ def train(
         if owns_watcher:
             preemption_lib.uninstall()
     multihost_utils.sync_global_devices("jcdm train finished")
-    reporting.print_next_steps(workdir, enabled=is_main)
+    reporting.print_next_steps(workdir, enabled=is_main, final_metrics=evaluator.fid_metrics)
     return step
 
 

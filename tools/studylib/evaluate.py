@@ -1,0 +1,122 @@
+"""One study run's evaluation: every kept checkpoint's EMA parameters, 1-step and 2-step.
+
+    python -m tools.studylib.evaluate WORKDIR --steps 80,160 --metric digits --num-samples 1000 \\
+        [--fid-stats FILE] [--seed 0]
+
+Runs as its own process (the run's `config.gin` configures gin, which is process-global) and
+writes `WORKDIR/study_eval.json` after each checkpoint, so an interrupted evaluation continues
+where it stopped. Every run of a study samples with the same seeds: the arms are compared on
+common noise, which makes the paired differences less noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+EVAL_FILE = "study_eval.json"
+
+
+def evaluate_run(
+    workdir: str,
+    steps: list[int],
+    *,
+    metric: str,
+    num_samples: int,
+    fid_stats: str | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict:
+    """{str(step): {"1step": {...}, "2step": {...}}} for every step in `steps`, reusing the
+    numbers already in WORKDIR/study_eval.json."""
+    import jax
+    import numpy as np
+
+    from jcdm.main import parse_gin
+    from jcdm.runtime import checkpoint as ckpt_lib
+    from jcdm.training import evaluation
+    from jcdm.training import sampler as sampler_lib
+    from jcdm.training import train as train_lib
+
+    out_path = Path(workdir) / EVAL_FILE
+    done = json.loads(out_path.read_text()) if out_path.exists() else {}
+    todo = [s for s in steps if str(s) not in done]
+    if not todo:
+        return done
+    parse_gin([str(Path(workdir) / "config.gin")], [])
+    two_step = evaluation.EvalConfig().two_step_sigma  # the run's own, from its config.gin
+    built = train_lib.build(
+        global_batch_size=jax.device_count(),
+        seed=0,
+        total_steps=1,
+        ema_decay=0.0,
+        compile_update=False,
+    )
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    have = checkpointer.all_steps()
+    missing = [s for s in todo if s not in have]
+    if missing:
+        raise SystemExit(f"{workdir}: no checkpoints at steps {missing} (have {have})")
+    sampler = sampler_lib.Sampler(
+        built.networks, built.cfg, built.mesh, built.state_sh.ema_params, built.image_shape
+    )
+    if metric == "digits":
+        from jcdm.fid import digits
+
+        digits_metric = digits.DigitsEvaluator()
+    else:
+        fid_eval = evaluation.FIDEvaluator(
+            sampler, stats_path=fid_stats, num_samples=num_samples, batch_size=batch_size
+        )
+    target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)
+    for step in todo:
+        t0 = time.perf_counter()
+        ema = checkpointer.restore(step, target).ema_params
+        row = {}
+        for tag, sigmas in (("1step", ()), ("2step", (two_step,))):
+            if metric == "digits":
+                images = np.concatenate(
+                    [
+                        sampler.sample(ema, min(batch_size, num_samples - i), sigmas, seed=seed + i)
+                        for i in range(0, num_samples, batch_size)
+                    ]
+                )
+                row[tag] = digits_metric(images)
+            else:
+                row[tag] = {"fid": fid_eval(ema, sigmas, seed=seed)}
+        row["seconds"] = time.perf_counter() - t0
+        done[str(step)] = row
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1, sort_keys=True))
+        os.replace(tmp, out_path)
+        print(f"{workdir} step {step}: {json.dumps(row)}", flush=True)
+    checkpointer.close()
+    return done
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("workdir")
+    p.add_argument("--steps", required=True, help="comma-separated checkpoint steps")
+    p.add_argument("--metric", choices=["digits", "inception"], default="digits")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--fid-stats", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.metric == "inception" and not args.fid_stats:
+        raise SystemExit("--metric inception needs --fid-stats (a file from tools/fid_stats.py)")
+    evaluate_run(
+        args.workdir,
+        [int(s) for s in args.steps.split(",")],
+        metric=args.metric,
+        num_samples=args.num_samples,
+        fid_stats=args.fid_stats,
+        seed=args.seed,
+    )
+
+
+if __name__ == "__main__":
+    main()

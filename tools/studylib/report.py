@@ -1,0 +1,163 @@
+"""The study's outputs from the per-run evaluations: JSON (every number), PNG, Markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from tools.studylib import stats
+
+SAMPLERS = ("1step", "2step")
+
+
+def collect(plan: dict, evals: dict[tuple[str, int], dict]) -> dict:
+    """Everything in one JSON-able dict: the plan and, per arm and seed, every step's numbers."""
+    runs = {
+        arm: {str(seed): evals[(arm, seed)] for seed in plan["seeds"] if (arm, seed) in evals}
+        for arm in plan["arms"]
+    }
+    return {"plan": plan, "runs": runs}
+
+
+def _series(result: dict, arm: str, key: str, sampler: str, step: int) -> dict[int, float]:
+    """seed -> value at `step` for the seeds that have it."""
+    out = {}
+    for seed, rows in result["runs"][arm].items():
+        row = rows.get(str(step))
+        if row is not None:
+            out[int(seed)] = float(row[sampler][key])
+    return out
+
+
+def _fmt(m: float, lo: float, hi: float, digits: int = 2) -> str:
+    if math.isnan(lo):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") -> dict:
+    """Final-step means with t intervals, paired differences with bootstrap intervals (at equal
+    steps and at equal compute) and the secondary numbers (classes, evenness, nn distance)."""
+    plan = result["plan"]
+    final = plan["eval_steps"][-1]
+    arms = [a for a in plan["arms"] if result["runs"].get(a)]
+    summary: dict = {"final_step": final, "metric": key, "arms": {}, "paired": {}}
+    for arm in arms:
+        entry = {}
+        for smp in SAMPLERS:
+            vals = _series(result, arm, key, smp, final)
+            entry[smp] = dict(zip(("mean", "low", "high"), stats.mean_ci(list(vals.values()))))
+            entry[smp]["n"] = len(vals)
+            for extra in ("classes", "evenness", "nn_rms"):
+                ex = _series(result, arm, extra, smp, final) if key == "fd" else {}
+                if ex:
+                    entry[smp][extra] = float(np.mean(list(ex.values())))
+        summary["arms"][arm] = entry
+    for other in (a for a in arms if a != baseline):
+        for label, s_base, s_other in _pairs(plan, other, ratio):
+            for smp in SAMPLERS:
+                a = _series(result, baseline, key, smp, s_base)
+                b = _series(result, other, key, smp, s_other)
+                seeds = sorted(set(a) & set(b))
+                if not seeds:
+                    continue
+                d = [a[s] - b[s] for s in seeds]
+                m, lo, hi = stats.bootstrap_ci(d)
+                summary["paired"][f"{baseline}-{other} {label} {smp}"] = {
+                    "baseline_step": s_base,
+                    "other_step": s_other,
+                    "seeds": seeds,
+                    "diffs": d,
+                    "mean": m,
+                    "low": lo,
+                    "high": hi,
+                }
+    return summary
+
+
+def _pairs(plan: dict, other: str, ratio: float) -> list[tuple[str, int, int]]:
+    steps = plan["eval_steps"]
+    out = [("equal steps", steps[-1], steps[-1])]
+    if other == "ict":  # the head costs the joint step ~`ratio` ict steps
+        pair = stats.equal_compute_step(steps, steps, ratio)
+        if pair is not None:
+            out.append((f"equal compute (joint {pair[0]} vs ict {pair[1]})", *pair))
+    return out
+
+
+def markdown(summary: dict, *, baseline_note: str = "") -> str:
+    key = summary["metric"]
+    lines = [
+        f"Final step {summary['final_step']}: {key} (lower is better), mean over seeds with a 95% "
+        "Student-t interval [low, high]" + (f"; {baseline_note}" if baseline_note else ""),
+        "",
+        "| arm | seeds | 1-step | 2-step | classes 1/2-step | evenness 1/2-step "
+        "| nn RMS 1/2-step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in summary["arms"].items():
+        one, two = e["1step"], e["2step"]
+        extra = [
+            f"{one.get(k, float('nan')):.{d}f} / {two.get(k, float('nan')):.{d}f}"
+            for k, d in (("classes", 1), ("evenness", 3), ("nn_rms", 3))
+        ]
+        lines.append(
+            f"| {arm} | {one['n']} | {_fmt(one['mean'], one['low'], one['high'])} | "
+            f"{_fmt(two['mean'], two['low'], two['high'])} | " + " | ".join(extra) + " |"
+        )
+    lines += [
+        "",
+        "Paired differences over seeds (negative: the first arm is better), mean with a 95% "
+        "percentile-bootstrap interval over seeds:",
+        "",
+        "| comparison | sampler | per-seed differences | mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for name, p in summary["paired"].items():
+        label, smp = name.rsplit(" ", 1)
+        diffs = ", ".join(f"{x:+.2f}" for x in p["diffs"])
+        lines.append(f"| {label} | {smp} | {diffs} | {_fmt(p['mean'], p['low'], p['high'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path, *, key: str, title: str) -> None:
+    """Metric against step per arm: the mean over seeds and its 95% t band, 1- and 2-step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan = result["plan"]
+    steps = plan["eval_steps"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, smp in zip(axes, SAMPLERS):
+        for arm in plan["arms"]:
+            if not result["runs"].get(arm):
+                continue
+            rows = [stats.mean_ci(list(_series(result, arm, key, smp, s).values())) for s in steps]
+            m, lo, hi = (np.array(c) for c in zip(*rows))
+            n = len(result["runs"][arm])
+            ax.plot(steps, m, marker="o", label=f"{arm} (n={n})")
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{key} ({smp}, lower is better)")
+        ax.set_title(f"{smp} samples")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(result: dict, summary: dict, out_prefix: Path, *, title: str, note: str = "") -> None:
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    out_prefix.with_suffix(".json").write_text(
+        json.dumps({**result, "summary": summary}, indent=1, sort_keys=True)
+    )
+    out_prefix.with_suffix(".md").write_text(markdown(summary, baseline_note=note))
+    plot(result, out_prefix.with_suffix(".png"), key=summary["metric"], title=title)
