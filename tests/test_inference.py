@@ -83,6 +83,7 @@ def test_only_inference_writes_samples(trained):
             "--gin.inference.sampler_steps=(1, 2, 3)",
             "--gin.inference.head_sampler_steps=2",
             f"--gin.inference.fid_stats='{stats}'",
+            "--gin.inference.fid_seed_sets=2",
         ],
         env=env,
     )
@@ -97,6 +98,11 @@ def test_only_inference_writes_samples(trained):
     assert results["sigmas_2step"] == pytest.approx([80.0, 0.821])
     assert len(results["sigmas_3step"]) == 3
     assert np.isfinite(results["fid_1step"]) and np.isfinite(results["fid_3step"])
+    # EDM's protocol: independent seed sets, each reported, with their mean and minimum.
+    sets = results["fid_1step_sets"]
+    assert len(sets) == 2 and sets[0] != sets[1] and results["fid_1step"] == sets[0]
+    assert results["fid_1step_min"] == min(sets)
+    assert results["fid_1step_mean"] == pytest.approx(sum(sets) / 2)
 
 
 def test_only_inference_without_checkpoints_is_an_error(tmp_path):

@@ -65,7 +65,7 @@ PRESETS = {
     },
 }
 # What every study run binds on top of its arm (besides seed, steps and checkpoint spacing):
-# no W&B, no in-training FID (the study evaluates from checkpoints), one final sample grid.
+# no W&B, no in-training FID or grids (the study evaluates and draws from checkpoints).
 COMMON_BINDINGS = ["WandbConfig.mode='disabled'", "FIDConfig.every=0"]
 
 
@@ -111,7 +111,7 @@ def train_command(plan: dict, arm: str, seed: int) -> list[str]:
         f"train.num_steps={plan['steps']}",
         f"CheckpointConfig.save_every={plan['eval_steps'][0]}",
         f"CheckpointConfig.keep={len(plan['eval_steps']) + 1}",
-        f"EvalConfig.every={plan['steps']}",
+        "EvalConfig.every=0",  # grids come from the evaluation (tools/studylib/evaluate.py)
         *COMMON_BINDINGS,
         *plan["extra_bindings"],
     ]

@@ -37,6 +37,7 @@ def evaluate_run(
 
     from jcdm.main import parse_gin
     from jcdm.runtime import checkpoint as ckpt_lib
+    from jcdm.runtime import reporting
     from jcdm.training import evaluation
     from jcdm.training import sampler as sampler_lib
     from jcdm.training import train as train_lib
@@ -85,6 +86,11 @@ def evaluate_run(
                     ]
                 )
                 row[tag] = digits_metric(images)
+                if step == steps[-1]:
+                    u8 = reporting.to_uint8(images[:64])
+                    reporting.save_png(
+                        Path(workdir) / f"grid_{tag}_{step}.png", reporting.image_grid(u8), 4
+                    )
             else:
                 row[tag] = {"fid": fid_eval(ema, sigmas, seed=seed)}
         row["seconds"] = time.perf_counter() - t0

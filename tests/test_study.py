@@ -1,0 +1,100 @@
+"""The study runner's pieces (tools/study.py, tools/studylib): equal initialisation across arms,
+the statistics, the plan and what counts as a finished run. The study itself (real training runs)
+is bench/results/study_digits.*; its threshold is checked by tests/test_sample_quality.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from jcdm import main
+from jcdm.training import train as train_lib
+from tools import study
+from tools.studylib import stats
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config(clear_constants=True)
+    yield
+    gin.clear_config(clear_constants=True)
+
+
+def test_arms_share_the_backbone_init(clean_gin, repo):
+    """Per seed the arms differ only in the head: the backbone's initial parameters are equal
+    bitwise, whether the head is joint, vanilla or absent (its key is split off separately)."""
+    main.parse_gin([os.path.join(repo, "gin", "demo.gin")], [])
+    key = jax.random.key(3, impl="unsafe_rbg")  # what step.init_state draws for train.seed=3
+    backbones = {}
+    for mode in ("joint", "none"):  # 'vanilla' builds the same modules as 'joint'
+        nets = train_lib.make_networks(image_shape=(16, 16, 1), head_mode=mode)
+        params = nets.init_params(key, (16, 16, 1))
+        assert ("head" in params) == (mode != "none")
+        backbones[mode] = jax.tree.leaves(params["backbone"])
+    assert sum(float(np.abs(np.asarray(x)).sum()) > 0 for x in backbones["none"]) > 10  # random
+    for a, b in zip(backbones["joint"], backbones["none"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mean_ci_matches_the_t_table():
+    m, lo, hi = stats.mean_ci([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.303; sd = 1; half width 4.303 / sqrt(3)
+    assert m == 2.0 and hi - m == pytest.approx(4.3027 / np.sqrt(3), rel=1e-4)
+    assert np.isnan(stats.mean_ci([5.0])[1])
+
+
+def test_bootstrap_interval():
+    m, lo, hi = stats.bootstrap_ci([-3.0, -2.0, -4.0, -3.5, -2.5])
+    assert m == -3.0 and -4.0 <= lo < m < hi <= -2.0
+    m, lo, hi = stats.bootstrap_ci([-1.0, 1.0, -1.0, 1.0])
+    assert lo < 0 < hi  # no sign of a difference: the interval covers 0
+
+
+def test_equal_compute_pairs_joint_with_more_ict_steps():
+    steps = [80, 160, 240, 320, 400]
+    assert stats.equal_compute_step(steps, steps, 4 / 3) == (240, 320)
+    assert stats.equal_compute_step(steps, steps, 1.0) == (400, 400)
+    assert stats.equal_compute_step([100], [500], 4 / 3) is None
+
+
+def _args(**kw):
+    base = dict(
+        preset="digits", arm=[], binding=[], seeds="0,1,2", steps=None, evals=None, metric=None,
+        num_samples=None, fid_stats=None, root="R", joint_cost=4 / 3,
+    )  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_plan_and_commands_differ_only_in_the_arm():
+    plan = study.make_plan(_args())
+    assert plan["eval_steps"] == [80, 160, 240, 320, 400]
+    cmds = {a: study.train_command(plan, a, 1) for a in plan["arms"]}
+    assert "train.seed=1" in cmds["joint"] and "CheckpointConfig.save_every=80" in cmds["joint"]
+    strip = lambda c: [x for x in c if "ICTConfig.head" not in x and "/seed" not in x]  # noqa: E731
+    assert strip(cmds["joint"]) == strip(cmds["vanilla"]) == strip(cmds["ict"])
+    assert "ICTConfig.head='none'" in cmds["ict"]
+    custom = study.make_plan(_args(arm=["a=gin/joint.gin", "b=gin/ict.gin:NUM_STEPS=5;X=1"]))
+    assert custom["arms"]["b"] == {"gin": "gin/ict.gin", "bindings": ["NUM_STEPS=5", "X=1"]}
+    with pytest.raises(SystemExit, match="multiple of"):
+        study.make_plan(_args(steps=401))
+
+
+def test_run_state_reads_committed_checkpoints(tmp_path):
+    plan = study.make_plan(_args(root=str(tmp_path)))
+    wd = tmp_path / "joint" / "seed0" / "checkpoints"
+    assert study.run_state(plan, "joint", 0) == "new"
+    (wd / "160").mkdir(parents=True)
+    (wd / "160" / "commit_success.txt").write_text("")
+    (wd / "240").mkdir()  # a save that never committed does not count
+    assert study.run_state(plan, "joint", 0) == "partial (step 160)"
+    (wd / "400").mkdir()
+    (wd / "400" / "commit_success.txt").write_text("")
+    assert study.run_state(plan, "joint", 0) == "trained"
+    rows = {str(s): {} for s in plan["eval_steps"]}
+    (tmp_path / "joint" / "seed0" / "study_eval.json").write_text(__import__("json").dumps(rows))
+    assert study.run_state(plan, "joint", 0) == "evaluated"
