@@ -98,3 +98,36 @@ def test_run_state_reads_committed_checkpoints(tmp_path):
     rows = {str(s): {} for s in plan["eval_steps"]}
     (tmp_path / "joint" / "seed0" / "study_eval.json").write_text(__import__("json").dumps(rows))
     assert study.run_state(plan, "joint", 0) == "evaluated"
+
+
+def test_report_tables_and_plot(tmp_path):
+    """Synthetic evaluations with a known answer: joint is 10 lower than vanilla on every seed,
+    ict equal to joint at equal steps; the tables and the PNG come out with those numbers."""
+    from tools.studylib import report
+
+    plan = study.make_plan(_args(root=str(tmp_path)))
+    rng = np.random.default_rng(0)
+    evals = {}
+    for seed in plan["seeds"]:
+        noise = rng.normal(size=len(plan["eval_steps"]))
+        for arm, offset in (("joint", 0.0), ("vanilla", 10.0), ("ict", 0.0)):
+            evals[(arm, seed)] = {
+                str(s): {
+                    smp: {"fd": 1000.0 / s + offset + n, "classes": 9, "evenness": 0.9,
+                          "nn_rms": 0.3}
+                    for smp in ("1step", "2step")
+                }
+                for s, n in zip(plan["eval_steps"], noise)
+            }  # fmt: skip
+    result = report.collect(plan, evals)
+    summary = report.summarize(result, key="fd", ratio=4 / 3)
+    paired = summary["paired"]
+    jv = paired["joint-vanilla equal steps 1step"]
+    assert jv["diffs"] == pytest.approx([-10.0] * 3) and jv["low"] == pytest.approx(-10.0)
+    assert paired["joint-ict equal steps 2step"]["mean"] == pytest.approx(0.0)
+    ec = paired["joint-ict equal compute (joint 240 vs ict 320) 1step"]
+    assert ec["mean"] == pytest.approx(1000 / 240 - 1000 / 320, abs=3.0)  # noise differs by step
+    report.write(result, summary, tmp_path / "out", title="t")
+    md = (tmp_path / "out.md").read_text()
+    assert "| vanilla | 3 |" in md and "-10.00, -10.00, -10.00" in md
+    assert (tmp_path / "out.png").stat().st_size > 10_000

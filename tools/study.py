@@ -33,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from etils import epath
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -123,8 +125,6 @@ def train_command(plan: dict, arm: str, seed: int) -> list[str]:
 
 def committed_steps(wd: str) -> list[int]:
     """Checkpoint steps with Orbax's commit marker (local or a bucket, through etils)."""
-    from etils import epath
-
     ck = epath.Path(wd) / "checkpoints"
     if not ck.exists():
         return []
@@ -139,7 +139,7 @@ def run_state(plan: dict, arm: str, seed: int) -> str:
     wd = workdir(plan, arm, seed)
     steps = committed_steps(wd)
     if plan["steps"] in steps:
-        evaluated = Path(wd, EVAL_FILE)
+        evaluated = epath.Path(wd) / EVAL_FILE
         if evaluated.exists() and all(
             str(s) in json.loads(evaluated.read_text()) for s in plan["eval_steps"]
         ):
@@ -249,7 +249,7 @@ def main() -> None:
     evals = {}
     for arm in plan["arms"]:
         for seed in plan["seeds"]:
-            path = Path(workdir(plan, arm, seed), EVAL_FILE)
+            path = epath.Path(workdir(plan, arm, seed)) / EVAL_FILE
             if path.exists():
                 rows = json.loads(path.read_text())
                 if all(str(s) in rows for s in plan["eval_steps"]):

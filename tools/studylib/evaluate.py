@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
-from pathlib import Path
 
 EVAL_FILE = "study_eval.json"
 
@@ -37,17 +37,22 @@ def evaluate_run(
 
     from jcdm.main import parse_gin
     from jcdm.runtime import checkpoint as ckpt_lib
-    from jcdm.runtime import reporting
+    from jcdm.runtime import io, reporting
     from jcdm.training import evaluation
     from jcdm.training import sampler as sampler_lib
     from jcdm.training import train as train_lib
 
-    out_path = Path(workdir) / EVAL_FILE
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths
+    out_path = io.path(workdir) / EVAL_FILE  # local or a bucket
     done = json.loads(out_path.read_text()) if out_path.exists() else {}
     todo = [s for s in steps if str(s) not in done]
     if not todo:
         return done
-    parse_gin([str(Path(workdir) / "config.gin")], [])
+    with tempfile.NamedTemporaryFile("w", suffix=".gin") as cfg:  # a bucket's config too
+        cfg.write(io.read_text(os.path.join(workdir, "config.gin")))
+        cfg.flush()
+        parse_gin([cfg.name], [])
     two_step = evaluation.EvalConfig().two_step_sigma  # the run's own, from its config.gin
     built = train_lib.build(
         global_batch_size=jax.device_count(),
@@ -89,15 +94,13 @@ def evaluate_run(
                 if step == steps[-1]:
                     u8 = reporting.to_uint8(images[:64])
                     reporting.save_png(
-                        Path(workdir) / f"grid_{tag}_{step}.png", reporting.image_grid(u8), 4
+                        io.path(workdir) / f"grid_{tag}_{step}.png", reporting.image_grid(u8), 4
                     )
             else:
                 row[tag] = {"fid": fid_eval(ema, sigmas, seed=seed)}
         row["seconds"] = time.perf_counter() - t0
         done[str(step)] = row
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1, sort_keys=True))
-        os.replace(tmp, out_path)
+        io.write_json(out_path, done)  # atomic: an interrupted evaluation keeps what it had
         print(f"{workdir} step {step}: {json.dumps(row)}", flush=True)
     checkpointer.close()
     return done
