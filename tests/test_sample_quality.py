@@ -29,7 +29,7 @@ MARGIN = 1.5
 THRESHOLD = WORST_SEED_FD * MARGIN
 
 
-def _trainer(workdir: str, extra: list[str], env: dict) -> subprocess.Popen:
+def _trainer(workdir: str, extra: list[str], env: dict, log) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
@@ -49,9 +49,8 @@ def _trainer(workdir: str, extra: list[str], env: dict) -> subprocess.Popen:
         args,
         cwd=REPO,
         env={**os.environ, **env},
-        stdout=subprocess.PIPE,
+        stdout=log,  # a file, not a pipe: the two run at once and neither may block on output
         stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
@@ -69,10 +68,12 @@ def test_trained_demo_beats_the_threshold_and_lr0_misses_it(tmp_path):
     params, acc = digits.train_classifier()  # the cached classifier, made here from scratch
     digits.save_params(params, weights, acc)
     env = {"JCDM_DIGITS_WEIGHTS": str(weights)}
+    logs = [open(tmp_path / f"{name}.log", "w") for name in ("trained", "lr0")]
     trained = _trainer(
         str(tmp_path / "trained"),
         [f"--gin.train.num_steps={STEPS}", f"--gin.FIDConfig.every={STEPS}"],
         env,
+        logs[0],
     )
     broken = _trainer(
         str(tmp_path / "lr0"),
@@ -82,8 +83,13 @@ def test_trained_demo_beats_the_threshold_and_lr0_misses_it(tmp_path):
             "--gin.make_optimizer.learning_rate=0.0",
         ],
         env,
+        logs[1],
     )
-    outs = [p.communicate(timeout=900)[0] for p in (trained, broken)]
+    for p in (trained, broken):
+        p.wait(timeout=900)
+    for f in logs:
+        f.close()
+    outs = [(tmp_path / f"{name}.log").read_text() for name in ("trained", "lr0")]
     assert trained.returncode == 0, outs[0][-3000:]
     assert broken.returncode == 0, outs[1][-3000:]
     assert "final sample quality: digits_fd_1step=" in outs[0]  # the run prints its metric
