@@ -183,34 +183,41 @@ def train_and_evaluate(plan: dict, arm: str, seed: int, nice: int) -> None:
     print(f"{arm} seed {seed}: done in {time.time() - t0:.0f}s", flush=True)
 
 
-def dry_run(plan: dict, step_json: str | None) -> None:
+def dry_run(plan: dict, step_jsons: list[str], dtype: str) -> None:
     print(json.dumps({k: v for k, v in plan.items()}, indent=1))
     print("\nruns:")
     for seed in plan["seeds"]:
         for arm in plan["arms"]:
-            print(f"  {arm:8s} seed {seed}: {run_state(plan, arm, seed)}")
+            try:
+                state = run_state(plan, arm, seed)
+            except Exception as e:  # e.g. a bucket not reachable from here: the plan still prints
+                state = f"unknown ({type(e).__name__}: {str(e)[:80]})"
+            print(f"  {arm:8s} seed {seed}: {state}")
             print(f"    {shlex.join(train_command(plan, arm, seed))}")
-    if step_json:
+    if step_jsons:
         from jcdm.dev import costs
 
-        result = json.loads(Path(step_json).read_text())
-        flops, util, _ = costs.from_step_rows(
-            result["steps"], result["machine"]["device_kind"], "bfloat16"
-        )
+        results = [json.loads(Path(f).read_text()) for f in step_jsons]
+        rows = [r for res in results for r in res["steps"]]
+        kind = results[0]["machine"]["device_kind"]
+        flops, util, _ = costs.from_step_rows(rows, kind, dtype)
         n_seeds = len(plan["seeds"])
         print(
-            f"\nprojected training cost per run and for the study ({n_seeds} seeds), from "
-            f"{step_json} (train steps only; add evaluation):"
+            f"\nprojected training cost from {', '.join(step_jsons)} ({kind}, {dtype}; train "
+            "steps only, add evaluation and restarts):"
         )
         total = 0.0
         for arm in plan["arms"]:
-            method = "ict" if arm == "ict" else "joint"
-            rows = costs.cost_table(
-                {arm: flops[method]}, {arm: util[method]}, steps=plan["steps"], batch=1024
+            method = arm if arm in flops else ("joint" if arm != "ict" else None)
+            if method not in flops:
+                print(f"  {arm}: no measured step for it in the step JSONs")
+                continue
+            table = costs.cost_table(
+                {arm: flops[method]}, {arm: util[method]}, dtype=dtype, steps=plan["steps"]
             )
-            print(costs.format_table(rows, steps=plan["steps"], batch=1024))
-            total += rows[-1].device_hours * n_seeds
-        print(f"study total on 8x H200: {total:,.0f} GPU-hours")
+            print(costs.format_table(table, steps=plan["steps"]))
+            total += table[-1].device_hours * n_seeds
+        print(f"the study ({n_seeds} seeds per arm) on 8x H200: {total:,.0f} GPU-hours")
 
 
 def main() -> None:
@@ -231,13 +238,16 @@ def main() -> None:
     p.add_argument("--joint-cost", type=float, default=4 / 3, help="a joint step in ict steps")
     p.add_argument("--report-only", action="store_true", help="report what is evaluated")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--step-json", default=None, help="bench/step.py result for --dry-run costs")
+    p.add_argument(
+        "--step-json", action="append", default=[], help="bench/step.py result(s) for costs"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     plan = make_plan(args)
     if plan["metric"] == "inception" and not plan["fid_stats"]:
         raise SystemExit("the inception metric needs --fid-stats (a file from tools/fid_stats.py)")
     if args.dry_run:
-        dry_run(plan, args.step_json)
+        dry_run(plan, args.step_json, args.dtype)
         return
     if not args.report_only:
         jobs = [(a, s) for s in plan["seeds"] for a in plan["arms"]]  # seed-major: whole seeds
