@@ -235,6 +235,6 @@ class DigitsEvaluator:
         return {
             "fd": float(frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)),
             "classes": int((frac >= HIT_FRACTION).sum()),
-            "evenness": float(-(nz * np.log(nz)).sum() / np.log(NUM_CLASSES)),
+            "evenness": float(0.0 - (nz * np.log(nz)).sum() / np.log(NUM_CLASSES)),  # no -0.0
             "nn_rms": float(np.median(_nn_rms(x, self.all_images))),
         }
