@@ -24,7 +24,7 @@ from tests.trainer import REPO, read_metrics
 STEPS = 240  # the study's evaluation point with the curriculum of its 400-step runs
 TWIN_STEPS = 10
 # The study at step 240: joint, 1-step, 500 samples; the worst seed (docs/results.md)
-WORST_SEED_FD = 245.4
+WORST_SEED_FD = 292.7  # seed 2 (seeds 0, 1: 245.4, 245.5)
 MARGIN = 1.5
 THRESHOLD = WORST_SEED_FD * MARGIN
 
@@ -100,11 +100,15 @@ def test_trained_demo_beats_the_threshold_and_lr0_misses_it(tmp_path):
     assert good["digits_classes_1step"] >= 8, good
     assert bad["digits_fd_1step"] > THRESHOLD, bad
 
-    # The metric's ordering: held-out real digits < trained samples < untrained < noise.
+    # The metric's ordering: held-out real digits < trained samples < untrained samples and
+    # Gaussian noise. The untrained model's 1-step samples are near-constant grey images (one
+    # class): this metric ranks them above noise (measured 1,900 vs 838), so untrained < noise,
+    # the order the issue expected, does not hold and is not asserted (docs/results.md).
     ev = digits.DigitsEvaluator(weights)
     real = ev(ev.heldout_images)["fd"]
     noise = ev(np.random.default_rng(0).normal(size=(500, 16, 16, 1)))["fd"]
-    assert real < good["digits_fd_1step"] < bad["digits_fd_1step"] < noise
+    assert real < good["digits_fd_1step"] < min(bad["digits_fd_1step"], noise)
+    assert noise > THRESHOLD and bad["digits_classes_1step"] <= 2
     # Learning, not copying: samples are no closer to a training image than real digits are
     # to the train split (copies would sit at 0).
     assert good["digits_nn_rms_1step"] > 0.5 * ev.real_nn_rms
