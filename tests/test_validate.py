@@ -174,3 +174,15 @@ def test_good_command_line_values_pass(tmp_path):
     validate.check_command_line(
         workdir=str(tmp_path / "new" / "deeper"), log_level="ERROR", run_id="x" * 64
     )
+
+
+def test_dataset_smaller_than_one_batch_exits_2_before_the_workdir_exists(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    workdir = tmp_path / "new_run"
+    argv = ["--gin", "gin/smoke.gin", "--workdir", str(workdir)]
+    code, err = run_main([*argv, "--gin.DATA_DIR='synthetic:16x16x3:1'"], capsys)
+    assert code == exit_codes.USAGE
+    assert "holds 1 image(s), fewer than one global batch (train.global_batch_size=16)" in err
+    assert not workdir.exists()
