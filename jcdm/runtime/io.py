@@ -71,7 +71,7 @@ def write_bytes(p: PathLike, data: bytes, *, makedirs: bool = True) -> epath.Pat
         dir=os.fspath(target.parent), prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -135,7 +135,7 @@ def commit_local_file(partial: PathLike, final: PathLike) -> None:
     os.replace(os.fspath(partial), os.fspath(final))
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without changing it where Linux shows it (setting it to read it
     back would race with threads creating files)."""
     try:
