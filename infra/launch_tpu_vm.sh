@@ -28,7 +28,8 @@ Training
   --wandb-mode M           online|offline|disabled (default $WANDB_MODE or online)
   --wandb-project P        default $WANDB_PROJECT;  --wandb-entity E  default $WANDB_ENTITY
                            ($WANDB_API_KEY is shipped to the workers in a 0600 file, never on argv)
-  --env NAME=VALUE         extra environment for the trainer, repeatable
+  --env NAME=VALUE         extra environment for the trainer, repeatable (shipped in the same
+                           0600 file: values never appear on argv, in --dry-run output or logs)
   --data gs://BUCKET/DIR   dataset directory (from tools/prepare_cifar10.py --out) copied once to
                            every worker's disk and visible as data/DIR in the code directory, so
                            the default DATA_DIR='data/cifar10/train' works; repeatable

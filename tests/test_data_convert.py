@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import pickle
 import struct
@@ -231,6 +232,16 @@ def test_a_file_the_converter_did_not_write_is_never_overwritten(tmp_path):
     with pytest.raises(DataError, match="not readable as a converted split's metadata"):
         convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
     assert (split / "metadata.json").read_text() == "{not json"
+    # A tampered metadata.json that lists a user's file cannot make the converter delete it.
+    (split / "metadata.json").unlink()
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
+    (split / "README").write_text("mine")
+    meta = json.loads((split / "metadata.json").read_text())
+    meta["shards"].append({"file": "README", "num_records": 0, "bytes": 4, "sha256": "0"})
+    (split / "metadata.json").write_text(json.dumps(meta))
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=2)
+    assert (split / "README").read_text() == "mine"
+    assert len(ImageRecordSource(split)) == 1
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -30,6 +30,7 @@ from jcdm.data.spec import DataError, ImageSpec
 from jcdm.runtime import io
 
 _SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SHARD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-\d{5}-of-\d{5}\.array_record")
 
 
 def write_image_records(
@@ -113,7 +114,8 @@ def _files_of_previous_conversion(out: Path) -> set[str]:
         ) from e
     if not ours:
         return set()  # someone else's metadata.json: refused as a clash if it would be replaced
-    return {METADATA_FILE} | {f for f in files if "/" not in f and f not in ("", ".", "..")}
+    # Only names a writer gives its shards: a tampered metadata.json cannot make it delete more.
+    return {METADATA_FILE} | {f for f in files if _SHARD_RE.fullmatch(f)}
 
 
 def _write_split(
