@@ -14,6 +14,7 @@ also maps to exit 2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -23,12 +24,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import gin
-
-from jcdm.data.pipeline import SHUFFLE_MODES
-from jcdm.ict.objective import DISTANCES, HEAD_MODES, HEAD_PRECONDS
-from jcdm.models.layers import ATTN_IMPLS
-from jcdm.runtime.distributed import MODES as DISTRIBUTED_MODES
-from jcdm.runtime.mesh import STRATEGIES
 
 INT32_MAX = 2**31 - 1
 # W&B run ids may not hold / \ # ? % : and the trainer broadcasts the id in a 64-byte buffer.
@@ -122,155 +117,176 @@ PATH = optional(text)
 DTYPE = one_of("float32", "bfloat16", "float16")
 FIR_IMPLS = one_of("separable", "conv")
 
-_NETWORK = {
-    "nf": POS_INT,
-    "ch_mult": sequence(POS_INT, min_len=1),
-    "num_res_blocks": POS_INT,
-    "attn_resolutions": sequence(POS_INT),
-    "dropout": number(0.0, 1.0),
-    "fir_impl": FIR_IMPLS,
-    "attn_impl": one_of(*ATTN_IMPLS),
-    "skip_rescale": boolean,
-    "embedding_type": one_of("fourier", "positional"),
-    "init_scale": number(0.0),
-    "fourier_scale": POS,
-    "image_size": POS_INT,
-    "out_channels": POS_INT,
-    "dtype": DTYPE,
-}
 
-# configurable -> parameter -> checker. Keys are gin's names without the module.
-RULES: dict[str, dict[str, Checker]] = {
-    "train": {
-        "num_steps": POS_INT,
-        "global_batch_size": POS_INT,
-        "seed": SEED,
-        "ema_decay": PROB,
-        "curriculum_steps": optional(POS_INT),
-        "steps_per_call": POS_INT,
-        "unroll_steps": boolean,
-        "log_every": POS_INT,
-        "nan_at_step": integer(-1),
-        "test_fault": Checker(lambda v: isinstance(v, str), "a quoted string", ""),
-    },
-    "ICTConfig": {
-        "sigma_min": POS,
-        "sigma_max": POS,
-        "rho": POS,
-        "sigma_data": POS,
-        "p_mean": number(),
-        "p_std": POS,
-        "s0": POS_INT,
-        "s1": POS_INT,
-        "distance": one_of(*DISTANCES),
-        "huber_c": optional(POS),
-        "head": one_of(*HEAD_MODES),
-        "joint_weight": number(0.0),
-        "head_precond": one_of(*HEAD_PRECONDS),
-    },
-    "EMAConfig": {"warmup_steps": NONNEG_INT},
-    "make_optimizer": {
-        "learning_rate": POS,
-        "b1": number(0.0, 1.0),
-        "b2": number(0.0, 1.0),
-        "eps": number(0.0),
-        "impl": one_of("auto", "fused", "optax"),
-    },
-    "NCSNpp": {
-        **_NETWORK,
-        "fir_kernel": sequence(POS, min_len=1),
-        "resblock_type": one_of("biggan", "ddpm"),
-        "progressive": one_of("none", "output_skip", "residual"),
-        "progressive_input": one_of("none", "input_skip", "residual"),
-        "progressive_combine": one_of("sum", "cat"),
-    },
-    "ScoreHead": {
-        **_NETWORK,
-        "resample_kernel": sequence(POS, min_len=1),
-        "fuse_channels": optional(POS_INT),
-        "norm_groups": optional(POS_INT),
-    },
-    "make_train_iterator": {
-        "dataset": text,
-        "image_size": optional(POS_INT),
-        "random_flip": boolean,
-        "worker_count": NONNEG_INT,
-        "shuffle": one_of(*SHUFFLE_MODES),
-        "shuffle_buffer_size": POS_INT,
-        "read_threads": NONNEG_INT,
-        "prefetch_batches": NONNEG_INT,
-        "worker_buffer_size": NONNEG_INT,
-        "verify_checksums": optional(boolean),
-        "with_labels": boolean,
-        "with_record_index": boolean,
-    },
-    "EvalConfig": {
-        "every": NONNEG_INT,
-        "num_grid_samples": POS_INT,
-        "two_step_sigma": POS,
-        "head_heun_steps": NONNEG_INT,
-    },
-    "FIDConfig": {
-        "every": NONNEG_INT,
-        "num_samples": POS_INT,
-        "batch_size": POS_INT,
-        "stats": PATH,
-        "inception_weights": PATH,
-    },
-    "CheckpointConfig": {
-        "save_every": POS_INT,
-        "keep": POS_INT,
-        "keep_best_fid": NONNEG_INT,
-        "async_save": boolean,
-        "background": boolean,
-        "fid_metric": one_of("fid_1step", "fid_2step"),
-    },
-    "StallConfig": {
-        "timeout_s": POS,
-        "slow_step_factor": POS,
-        "in_jax_grace_s": number(0.0),
-        "peer_silence_s": POS,
-        "heartbeat_s": POS,
-        "enabled": boolean,
-    },
-    "WandbConfig": {
-        "mode": optional(one_of("online", "offline", "disabled")),
-        "project": text,
-        "entity": PATH,
-        "name": PATH,
-        "tags": sequence(text),
-    },
-    "make_mesh": {
-        "data": Checker(lambda v: v == -1 or POS_INT(v) is None, "-1 (all) or an integer >= 1", -1),
-        "fsdp": POS_INT,
-    },
-    "state_shardings": {"strategy": one_of(*STRATEGIES), "fsdp_min_size": NONNEG_INT},
-    "compile_cache": {
-        "enabled": boolean,
-        "directory": PATH,
-        "min_compile_time_s": optional(number(0.0)),
-    },
-    "initialize": {
-        "mode": optional(one_of(*DISTRIBUTED_MODES)),
-        "coordinator_address": PATH,
-        "num_processes": optional(POS_INT),
-        "process_id": optional(NONNEG_INT),
-        "initialization_timeout": POS_INT,
-        "heartbeat_timeout": POS_INT,
-        "peer_watchdog": boolean,
-        "peer_exit_grace": number(0.0),
-    },
-    "inference": {
-        "checkpoint_step": _checkpoint_step,
-        "num_samples": POS_INT,
-        "sampler_steps": sequence(POS_INT, min_len=1),
-        "intermediate_sigmas": optional(sequence(POS)),
-        "head_sampler_steps": NONNEG_INT,
-        "fid_stats": PATH,
-        "batch_size": POS_INT,
-        "seed": SEED,
-    },
-}
+@functools.cache
+def _rules() -> dict[str, dict[str, Checker]]:
+    """configurable -> parameter -> checker; keys are gin's names without the module. Built on
+    first use: the allowed values come from modules that import JAX, Flax and Grain, which
+    `jcdm.main` should not wait for before it owns SIGTERM."""
+    from jcdm.data.pipeline import SHUFFLE_MODES
+    from jcdm.ict.objective import DISTANCES, HEAD_MODES, HEAD_PRECONDS
+    from jcdm.models.layers import ATTN_IMPLS
+    from jcdm.runtime.distributed import MODES as DISTRIBUTED_MODES
+    from jcdm.runtime.mesh import STRATEGIES
+
+    network = {
+        "nf": POS_INT,
+        "ch_mult": sequence(POS_INT, min_len=1),
+        "num_res_blocks": POS_INT,
+        "attn_resolutions": sequence(POS_INT),
+        "dropout": number(0.0, 1.0),
+        "fir_impl": FIR_IMPLS,
+        "attn_impl": one_of(*ATTN_IMPLS),
+        "skip_rescale": boolean,
+        "embedding_type": one_of("fourier", "positional"),
+        "init_scale": number(0.0),
+        "fourier_scale": POS,
+        "image_size": POS_INT,
+        "out_channels": POS_INT,
+        "dtype": DTYPE,
+    }
+
+    rules: dict[str, dict[str, Checker]] = {
+        "train": {
+            "num_steps": POS_INT,
+            "global_batch_size": POS_INT,
+            "seed": SEED,
+            "ema_decay": PROB,
+            "curriculum_steps": optional(POS_INT),
+            "steps_per_call": POS_INT,
+            "unroll_steps": boolean,
+            "log_every": POS_INT,
+            "nan_at_step": integer(-1),
+            "test_fault": Checker(lambda v: isinstance(v, str), "a quoted string", ""),
+        },
+        "ICTConfig": {
+            "sigma_min": POS,
+            "sigma_max": POS,
+            "rho": POS,
+            "sigma_data": POS,
+            "p_mean": number(),
+            "p_std": POS,
+            "s0": POS_INT,
+            "s1": POS_INT,
+            "distance": one_of(*DISTANCES),
+            "huber_c": optional(POS),
+            "head": one_of(*HEAD_MODES),
+            "joint_weight": number(0.0),
+            "head_precond": one_of(*HEAD_PRECONDS),
+        },
+        "EMAConfig": {"warmup_steps": NONNEG_INT},
+        "make_optimizer": {
+            "learning_rate": POS,
+            "b1": number(0.0, 1.0),
+            "b2": number(0.0, 1.0),
+            "eps": number(0.0),
+            "impl": one_of("auto", "fused", "optax"),
+        },
+        "NCSNpp": {
+            **network,
+            "fir_kernel": sequence(POS, min_len=1),
+            "resblock_type": one_of("biggan", "ddpm"),
+            "progressive": one_of("none", "output_skip", "residual"),
+            "progressive_input": one_of("none", "input_skip", "residual"),
+            "progressive_combine": one_of("sum", "cat"),
+        },
+        "ScoreHead": {
+            **network,
+            "resample_kernel": sequence(POS, min_len=1),
+            "fuse_channels": optional(POS_INT),
+            "norm_groups": optional(POS_INT),
+        },
+        "make_train_iterator": {
+            "dataset": text,
+            "image_size": optional(POS_INT),
+            "random_flip": boolean,
+            "worker_count": NONNEG_INT,
+            "shuffle": one_of(*SHUFFLE_MODES),
+            "shuffle_buffer_size": POS_INT,
+            "read_threads": NONNEG_INT,
+            "prefetch_batches": NONNEG_INT,
+            "worker_buffer_size": NONNEG_INT,
+            "verify_checksums": optional(boolean),
+            "with_labels": boolean,
+            "with_record_index": boolean,
+        },
+        "EvalConfig": {
+            "every": NONNEG_INT,
+            "num_grid_samples": POS_INT,
+            "two_step_sigma": POS,
+            "head_heun_steps": NONNEG_INT,
+        },
+        "FIDConfig": {
+            "every": NONNEG_INT,
+            "num_samples": POS_INT,
+            "batch_size": POS_INT,
+            "stats": PATH,
+            "inception_weights": PATH,
+        },
+        "CheckpointConfig": {
+            "save_every": POS_INT,
+            "keep": POS_INT,
+            "keep_best_fid": NONNEG_INT,
+            "async_save": boolean,
+            "background": boolean,
+            "fid_metric": one_of("fid_1step", "fid_2step"),
+        },
+        "StallConfig": {
+            "timeout_s": POS,
+            "slow_step_factor": POS,
+            "in_jax_grace_s": number(0.0),
+            "peer_silence_s": POS,
+            "heartbeat_s": POS,
+            "enabled": boolean,
+        },
+        "WandbConfig": {
+            "mode": optional(one_of("online", "offline", "disabled")),
+            "project": text,
+            "entity": PATH,
+            "name": PATH,
+            "tags": sequence(text),
+        },
+        "make_mesh": {
+            "data": Checker(
+                lambda v: v == -1 or POS_INT(v) is None, "-1 (all) or an integer >= 1", -1
+            ),
+            "fsdp": POS_INT,
+        },
+        "state_shardings": {"strategy": one_of(*STRATEGIES), "fsdp_min_size": NONNEG_INT},
+        "compile_cache": {
+            "enabled": boolean,
+            "directory": PATH,
+            "min_compile_time_s": optional(number(0.0)),
+        },
+        "initialize": {
+            "mode": optional(one_of(*DISTRIBUTED_MODES)),
+            "coordinator_address": PATH,
+            "num_processes": optional(POS_INT),
+            "process_id": optional(NONNEG_INT),
+            "initialization_timeout": POS_INT,
+            "heartbeat_timeout": POS_INT,
+            "peer_watchdog": boolean,
+            "peer_exit_grace": number(0.0),
+        },
+        "inference": {
+            "checkpoint_step": _checkpoint_step,
+            "num_samples": POS_INT,
+            "sampler_steps": sequence(POS_INT, min_len=1),
+            "intermediate_sigmas": optional(sequence(POS)),
+            "head_sampler_steps": NONNEG_INT,
+            "fid_stats": PATH,
+            "batch_size": POS_INT,
+            "seed": SEED,
+        },
+    }
+    return rules
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RULES":  # validate.RULES, built on first use (see _rules)
+        return _rules()
+    raise AttributeError(name)
+
 
 # Parameters the code passes itself (gin cannot usefully bind them); the coverage test skips them.
 UNCHECKED = {
@@ -312,7 +328,7 @@ def _bindings(name: str) -> dict[str, Any]:
 
 def bound_problems(rules: dict[str, dict[str, Checker]] | None = None) -> list[str]:
     """Every problem of the current gin bindings, one line each (empty: all good)."""
-    rules = RULES if rules is None else rules
+    rules = _rules() if rules is None else rules
     problems = []
     for name, params in rules.items():
         for param, value in _bindings(name).items():
