@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 
 import gin
@@ -52,10 +53,13 @@ def workdir(tmp_path):
 
 
 def run_main(argv, capsys):
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         code = main.run(argv)
     finally:
         preemption.uninstall()  # run() owns SIGTERM from its first line, as the CLI does
+        root.handlers[:], root.level = handlers, level  # run() points logging at this stderr
     return code, capsys.readouterr().err
 
 
