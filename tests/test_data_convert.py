@@ -299,6 +299,10 @@ def test_float_images_and_huge_sizes_are_refused_with_the_fix(tmp_path, capsys):
     assert main([*argv, "--image-size", "100000"]) == 2
     assert "image size 100000 is outside 1..1024" in capsys.readouterr().err
     assert main([*argv, "--image-size", "0"]) == 2
+    assert main([*argv, "--image-size", "4", "--shards", "-3"]) == 2
+    assert "number of shards must be an integer >= 1 (--shards), got -3" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "4", "--split", "../up"]) == 2
+    assert "split name '../up'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -71,6 +71,10 @@ def write_image_records(
     out = Path(out_dir)
     if num_records <= 0:
         raise DataError(f"no records to write into {out}: the input is empty")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise DataError(
+            f"the number of shards must be an integer >= 1 (--shards), got {num_shards}"
+        )
     if not _SPLIT_RE.fullmatch(split):
         raise DataError(f"split name {split!r}: use letters, digits, '.', '_' or '-'")
     if out.exists() and not out.is_dir():
