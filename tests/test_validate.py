@@ -121,7 +121,7 @@ def test_all_problems_are_reported_at_once_with_a_copyable_fix():
         validate.check_bindings()
     lines = str(e.value).splitlines()
     assert len(lines) == 2
-    assert "e.g. --gin.train.num_steps=1" in lines[0]
+    assert "e.g. --gin.train.num_steps=1000" in lines[0]
     assert "train.global_batch_size=-3" in lines[1]
 
 

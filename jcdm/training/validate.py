@@ -41,6 +41,10 @@ class Checker:
     def __init__(self, test: Callable[[Any], bool], what: str, example: Any):
         self.test, self.what, self.example = test, what, example
 
+    def like(self, example: Any) -> Checker:
+        """The same check with another example for the fix (e.g. a typical learning rate)."""
+        return Checker(self.test, self.what, example)
+
     def __call__(self, value: Any) -> str | None:
         try:
             return None if self.test(value) else self.what
@@ -148,10 +152,10 @@ def _rules() -> dict[str, dict[str, Checker]]:
 
     rules: dict[str, dict[str, Checker]] = {
         "train": {
-            "num_steps": POS_INT,
-            "global_batch_size": POS_INT,
+            "num_steps": POS_INT.like(1000),
+            "global_batch_size": POS_INT.like(64),
             "seed": SEED,
-            "ema_decay": PROB,
+            "ema_decay": PROB.like(0.99993),
             "curriculum_steps": optional(POS_INT),
             "steps_per_call": POS_INT,
             "unroll_steps": boolean,
@@ -176,10 +180,10 @@ def _rules() -> dict[str, dict[str, Checker]]:
         },
         "EMAConfig": {"warmup_steps": NONNEG_INT},
         "make_optimizer": {
-            "learning_rate": POS,
-            "b1": number(0.0, 1.0),
-            "b2": number(0.0, 1.0),
-            "eps": number(0.0),
+            "learning_rate": POS.like(1e-4),
+            "b1": number(0.0, 1.0).like(0.9),
+            "b2": number(0.0, 1.0).like(0.999),
+            "eps": number(0.0).like(1e-8),
             "impl": one_of("auto", "fused", "optax"),
         },
         "NCSNpp": {
