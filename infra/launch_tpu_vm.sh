@@ -313,7 +313,8 @@ setup_workers() {
 # Runs the trainer on all workers; sets RESULT to finished|usage|numerical|preempted|failed|lost.
 run_workers() {
   # A fresh random nonce per attempt: only the worker script's own marker line carries it, so
-  # no line of trainer output (a binding's value, say) can pass for a worker's exit code.
+  # no line of trainer output (a binding's value, say) can pass for a worker's exit code. Not
+  # anchored to the line start: gcloud may prefix a worker's lines.
   local nonce
   nonce=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   local -a remote=(bash jcdm_tpu_worker.sh run --run-id "$RUN_ID" --commit "$SHA")
@@ -337,8 +338,7 @@ run_workers() {
     codes+=("${line##*rc=}")
     reported+=("${line#* nonce="$nonce" }")
     n=$((n + 1))
-  done < <(grep -oaE "^JCDM_EXIT_CODE nonce=$nonce worker=[^ ]+ rc=[0-9]+\r?$" "$alog" |
-    tr -d '\r' | sort -u)
+  done < <(grep -oaE "JCDM_EXIT_CODE nonce=$nonce worker=[^ ]+ rc=[0-9]+" "$alog" | sort -u)
   log "attempt $ATTEMPT: gcloud ssh exit $ssh_rc; exit codes reported by $n/$WORKERS workers:" \
     "${reported[*]}"
   if ((n == 0)); then
