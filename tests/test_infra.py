@@ -794,6 +794,7 @@ def test_shared_option_parsing_of_both_launchers(repo):
         (["--gin", "gin/joint.gin", "--wandb-mode", "loud"], "--wandb-mode must be"),
         (["--gin", "gin/joint.gin", " "], "empty gin binding"),
         (["--gin", "/etc/hostname"], "not inside the repo"),
+        (["--gin", "gin/joint.gin", "--run-id", "x" * 65], "at most 64, as the trainer"),
     ],
 )  # fmt: skip
 def test_shared_option_parsing_refuses_with_exit_2(repo, args, message):
