@@ -58,6 +58,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     short = [a for a in argv if a.startswith("--gin.")]
     rest = [a for a in argv if not a.startswith("--gin.")]
     args = p.parse_args(rest)
+    from jcdm.training import validate
+
+    try:  # before the workdir becomes absolute: "" would become the current directory
+        validate.check_command_line(
+            workdir=args.workdir, log_level=args.log_level, run_id=args.run_id
+        )
+    except validate.ConfigError as e:
+        p.error(str(e))
     if "://" not in args.workdir:  # Orbax/TensorStore need absolute local paths
         args.workdir = os.path.abspath(args.workdir)
     for a in short:
@@ -106,18 +114,6 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         logging.getLogger().removeFilter(quiet)
 
 
-def _check_required_bindings() -> None:
-    """gin would only say so when `train` is called, as a RuntimeError (retryable) otherwise."""
-    import gin
-
-    missing = [p for p in ("num_steps", "global_batch_size") if p not in gin.get_bindings("train")]
-    if missing:
-        raise UsageError(
-            f"the gin configuration binds no {', '.join('train.' + p for p in missing)} "
-            "(gin/joint.gin sets both; add --gin.train.num_steps=N)"
-        )
-
-
 class _DropGinPathProbes(logging.Filter):
     """gin logs an ERROR for every search path it probes for an `include` before finding it."""
 
@@ -137,8 +133,12 @@ def run(argv: list[str]) -> int:
 
     try:
         parse_gin(args.gin, args.gin_bindings)
-        if not args.only_inference:
-            _check_required_bindings()
+        from jcdm.training import validate
+
+        try:  # every binding's type and range, before anything is started or written
+            validate.check_bindings(training=not args.only_inference)
+        except validate.ConfigError as e:
+            raise UsageError(str(e)) from e
     except UsageError as e:
         print(f"jcdm: error: {e}", file=sys.stderr)
         return exit_codes.USAGE

@@ -29,6 +29,23 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert os.listdir(tmp_path / "a" / "b") == ["x.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002, 0o077])
+def test_written_files_follow_the_umask_like_open_does(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        io.write_text(tmp_path / "config.gin", "x = 1\n")
+        io.write_npz(tmp_path / "stats.npz", mu=np.zeros(2))
+        io.write_text(tmp_path / "config.gin", "x = 2\n")  # a rewrite gets the same mode
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert os.stat(tmp_path / "plain").st_mode & 0o777 == want
+    for name in ("config.gin", "stats.npz"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == want, name
+
+
 def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     io.write_json(target, {"v": 1})

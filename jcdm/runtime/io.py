@@ -6,7 +6,7 @@ a reader never sees half a file, whatever kills the writer.
 
 - Local: the bytes go to a uniquely named temporary file in the same folder, which is flushed,
   fsynced and renamed over the target (`os.replace` is atomic on POSIX); a failed write removes
-  its temporary file.
+  its temporary file. The file gets 0666 & ~umask, as `open()` would give it (not mkstemp's 0600).
 - Bucket: an object appears whole when its upload completes, so the object is written directly.
 
 Errors are OSErrors naming the path (a disk-full or permission error without a file name gets
@@ -71,6 +71,7 @@ def write_bytes(p: PathLike, data: bytes, *, makedirs: bool = True) -> epath.Pat
         dir=os.fspath(target.parent), prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -132,6 +133,21 @@ def commit_local_file(partial: PathLike, final: PathLike) -> None:
     if not (is_local(partial) and is_local(final)):
         raise ValueError(f"commit_local_file needs local paths, got {partial} -> {final}")
     os.replace(os.fspath(partial), os.fspath(final))
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it
+    back would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(p: str) -> None:
