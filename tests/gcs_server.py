@@ -65,7 +65,7 @@ class GCSServer:
         self.rejected: list[str] = []
         self._reject: str | None = None
         self._process: subprocess.Popen | None = None
-        self._proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._proxy = _QuietServer(("127.0.0.1", 0), _handler(self))
         self._proxy.daemon_threads = True
         threading.Thread(target=self._proxy.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._proxy.server_address[1]}"
@@ -150,6 +150,15 @@ class GCSServer:
             with urllib.request.urlopen(url, timeout=10) as r:
                 out[item["name"]] = r.read()
         return out
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up (a trainer ending with os._exit, a cancelled request) is normal.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler(server: GCSServer):
