@@ -2,7 +2,7 @@
 etils) against a real GCS API server on localhost (fake-gcs-server, `gcs_server` in
 conftest.py). One module fixture runs every process, overlapping what can overlap:
 
-    pre:    2 processes x 1 device on gs://.../run, 6 steps, saves at 2, 4, 6, } concurrently
+    pre:    2 processes x 1 device on gs://.../run, 8 steps, saves every 2,   } concurrently
             the compilation cache in the bucket; SIGTERM to process 1 after    }
             step 2 -> exit 75 at an agreed step k                              }
     fail:   1 process, gs://.../fail, 8 steps, saves at 4 and 8; the bucket    }
@@ -10,7 +10,7 @@ conftest.py). One module fixture runs every process, overlapping what can overla
     ref:    as pre, uninterrupted, on local disk (its programs from pre's  } concurrently
             cache in the bucket)                                           }
     retry:  fail's workdir with the bucket healthy -> exit 0               }
-    resume: pre's workdir from step k to 6 -> exit 0                       }
+    resume: pre's workdir from step k to 8 -> exit 0                       }
     then, on fail's workdir: the `--only_inference` command the run printed, run as printed, and
     tools/inspect_checkpoint.py
 
@@ -38,7 +38,7 @@ from tests.trainer import launch_local_argv
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = 8
 SMOKE = ["--gin", "gin/smoke.gin", "--gin.EvalConfig.every=0"]
 MULTI = [*SMOKE, f"--gin.train.num_steps={STEPS}", "--gin.CheckpointConfig.save_every=2"]
 TIMEOUT_S = 600

@@ -100,6 +100,18 @@ def test_a_missing_bucket_client_is_a_usage_error_with_the_pip_command(monkeypat
     code = main.run(["--gin", "gin/smoke.gin", "--workdir", "gs://b/run", "--only_inference"])
     assert code == exit_codes.USAGE  # not 1: a retry cannot install a package
     assert "pip install gcsfs" in capsys.readouterr().err
+    # The tools that take bucket URLs say the same, with exit 2.
+    from tests.test_fid_stats_tool import _load_tool
+    from tools import inspect_checkpoint
+
+    for tool, argv in [
+        (inspect_checkpoint.main, ["gs://b/run"]),
+        (_load_tool().main, ["--npz", "x.npz", "--out", "gs://b/stats.npz"]),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            tool(argv)
+        assert info.value.code == exit_codes.USAGE
+        assert "pip install gcsfs" in capsys.readouterr().err
 
 
 def test_bucket_writes_and_reads_go_to_the_bucket(gcs_server, bucket, tmp_path, monkeypatch):
