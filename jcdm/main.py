@@ -196,6 +196,14 @@ def run(argv: list[str]) -> int:
     except train_lib.NumericalError as e:
         log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
         return exit_codes.NUMERICAL
+    except ImportError as e:  # e.g. gcsfs for a gs:// path in a binding: a retry cannot fix it
+        log.error(
+            "%s (exit %d: a package is missing; install it, e.g. `pip install -e .` for jcdm's "
+            "dependencies, then rerun)",
+            e,
+            exit_codes.USAGE,
+        )
+        return exit_codes.USAGE
     except Exception as e:  # once training has started, everything is worth a retry
         log.exception(
             "%s: %s (exit %d, retried by the launchers)", type(e).__name__, e, exit_codes.FAILURE

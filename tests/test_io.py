@@ -114,6 +114,25 @@ def test_a_missing_bucket_client_is_a_usage_error_with_the_pip_command(monkeypat
         assert "pip install gcsfs" in capsys.readouterr().err
 
 
+def test_an_import_error_during_a_run_exits_2(monkeypatch, caplog, tmp_path):
+    """A package missing deeper in (fsspec's ImportError for a gs:// path given in a binding) is
+    not worth a retry either."""
+    from jcdm import exit_codes, main
+    from jcdm.runtime import compile_cache, distributed
+    from jcdm.training import inference
+
+    def missing(**kwargs):
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(distributed, "initialize", lambda: None)
+    monkeypatch.setattr(compile_cache, "compile_cache", lambda **kw: None)
+    monkeypatch.setattr(main, "configure_logging", lambda level: None)
+    monkeypatch.setattr(inference, "run", missing)
+    argv = ["--gin", "gin/smoke.gin", "--workdir", str(tmp_path), "--only_inference"]
+    assert main.run(argv) == exit_codes.USAGE
+    assert "Please install gcsfs" in caplog.text and "a package is missing" in caplog.text
+
+
 def test_bucket_writes_and_reads_go_to_the_bucket(gcs_server, bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray local write would create ./gs: here
     io.write_json(f"{bucket}/run/r.json", {"fid": 3.5})
