@@ -84,7 +84,7 @@ def configure_logging(level: str) -> None:
     fmt = f"%(asctime)s p{jax.process_index()} %(levelname).1s %(name)s] %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, datefmt="%H:%M:%S", force=True)
     # Gloo and absl chatter drowns the trainer's own lines.
-    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
+    for noisy in ("absl", "jax._src", "orbax", "etils", "grain", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -93,10 +93,17 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     import gin
 
     import jcdm.register  # noqa: F401  (imports every configurable so gin can see it)
+    from jcdm.runtime import io
 
     gin.add_config_file_search_path(GIN_DIR)
     gin.add_config_file_search_path(os.getcwd())
+    # A bucket run's own config.gin (the command it prints at its end) is read from the bucket.
+    gin.config.register_file_reader(_open_url, lambda f: f.startswith("gs://") and io.exists(f))
     for f in files:
+        if not io.is_local(f):
+            if io.exists(f):
+                continue
+            raise UsageError(f"gin file {f!r} not found")
         if not os.path.exists(f) and not os.path.exists(os.path.join(GIN_DIR, f)):
             raise UsageError(f"gin file {f!r} not found (configs live in {GIN_DIR})")
     quiet = _DropGinPathProbes()
@@ -112,6 +119,20 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         ) from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+def _open_url(f: str):
+    from jcdm.runtime import io
+
+    return io.path(f).open("r")
+
+
+def _check_missing_bucket_client(args: argparse.Namespace) -> None:
+    from jcdm.runtime import io
+
+    for p in [args.workdir, *args.gin]:
+        if message := io.missing_bucket_client(p):
+            raise UsageError(message)
 
 
 class _DropGinPathProbes(logging.Filter):
@@ -132,6 +153,7 @@ def run(argv: list[str]) -> int:
     from jcdm.runtime import distributed
 
     try:
+        _check_missing_bucket_client(args)
         parse_gin(args.gin, args.gin_bindings)
         from jcdm.training import validate
 
@@ -174,6 +196,14 @@ def run(argv: list[str]) -> int:
     except train_lib.NumericalError as e:
         log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
         return exit_codes.NUMERICAL
+    except ImportError as e:  # e.g. gcsfs for a gs:// path in a binding: a retry cannot fix it
+        log.error(
+            "%s (exit %d: a package is missing; install it, e.g. `pip install -e .` for jcdm's "
+            "dependencies, then rerun)",
+            e,
+            exit_codes.USAGE,
+        )
+        return exit_codes.USAGE
     except Exception as e:  # once training has started, everything is worth a retry
         log.exception(
             "%s: %s (exit %d, retried by the launchers)", type(e).__name__, e, exit_codes.FAILURE

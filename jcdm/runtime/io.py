@@ -11,10 +11,15 @@ a reader never sees half a file, whatever kills the writer.
 
 Errors are OSErrors naming the path (a disk-full or permission error without a file name gets
 one), so a caller's message can say which file could not be written and why.
+
+`gs://` goes through gcsfs (a base dependency): `missing_bucket_client` names the pip command when
+it is absent, and gcsfs's listing cache is off, because TensorStore (Orbax's array writer) and
+other processes add objects behind gcsfs's back and a cached listing would hide them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -26,6 +31,20 @@ from etils import epath
 
 PathLike = str | os.PathLike
 
+# The pip package that serves each bucket scheme through etils.epath (fsspec).
+BUCKET_CLIENTS = {"gs": "gcsfs"}
+
+
+def _configure_bucket_clients() -> None:
+    # fsspec applies these defaults when epath first creates its gcsfs instance.
+    import fsspec.config
+
+    for scheme in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
+
+
+_configure_bucket_clients()
+
 
 def path(p: PathLike) -> epath.Path:
     """`p` as an `epath.Path` (local path or bucket URL)."""
@@ -35,6 +54,23 @@ def path(p: PathLike) -> epath.Path:
 def is_local(p: PathLike) -> bool:
     """True for a local path, False for a bucket URL (`scheme://...`)."""
     return "://" not in os.fspath(p)
+
+
+def missing_bucket_client(p: PathLike) -> str | None:
+    """For a bucket URL whose client package is not installed, the message to show (with the pip
+    command); None when `p` is local or its client is importable. Without this, the first bucket
+    access deep inside a run raises an ImportError that the launchers would retry forever."""
+    text = os.fspath(p)
+    if is_local(text):
+        return None
+    scheme = text.split("://", 1)[0]
+    package = BUCKET_CLIENTS.get(scheme)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (
+            f"{text} needs the Python package {package}, which is not installed: run "
+            f"`pip install {package}` (or reinstall jcdm: `pip install -e .` installs it)"
+        )
+    return None
 
 
 def local_path_arg(text: str):
