@@ -224,7 +224,10 @@ cmd_run() {
   [[ -f $code/.jcdm-complete && -x $VENV/bin/python ]] || die "code $commit not set up; run setup"
   mkdir -p "$rundir"
   local log=$rundir/trainer.log fp wpid
-  fp=$(printf '%s\0' "$commit" "${envs[@]}" "$@" | sha256sum | cut -c1-32)
+  # The launcher's lease token changes with each launcher session: not part of the identity.
+  local -a fp_envs=()
+  for kv in "${envs[@]}"; do [[ $kv == JCDM_LEASE_TOKEN=* ]] || fp_envs+=("$kv"); done
+  fp=$(printf '%s\0' "$commit" "${fp_envs[@]}" "$@" | sha256sum | cut -c1-32)
 
   if wpid=$(live_wrapper "$rundir"); then
     if [[ $(cat "$rundir/fingerprint" 2>/dev/null || true) == "$fp" ]]; then
