@@ -174,6 +174,7 @@ def run(argv: list[str]) -> int:
                 train_lib.train(workdir=args.workdir, run_id=args.run_id)
     except lease.LeaseHeld as e:
         log.error("%s (exit %d)", e, exit_codes.USAGE)
+        distributed.shutdown()  # every process learns the refusal before process 0 leaves
         return exit_codes.USAGE
     except train_lib.StartupError as e:
         log.error(

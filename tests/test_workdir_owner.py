@@ -25,7 +25,7 @@ import pytest
 
 from jcdm import exit_codes
 from jcdm.runtime import lease as lease_lib
-from tests.trainer import REPO, run_trainer
+from tests.trainer import REPO, launch_local_argv, run_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +149,21 @@ def test_one_owner_per_workdir_and_clean_interrupts(tmp_path):
     # it over at once, as its pid is gone.
     assert json.load(open(os.path.join(wd, "LEASE")))["pid"] == d.proc.pid
     lease_lib.acquire(wd, run_id=run_id).release()
+
+
+def test_a_held_workdir_stops_every_process_of_a_job_with_exit_2(tmp_path):
+    """Process 0 asks for the lease; process 1 learns the refusal from it and exits 2 too."""
+    wd = str(tmp_path / "run")
+    held = lease_lib.acquire(wd, run_id="holder")  # this (live) test process holds it
+    try:
+        r = subprocess.run(
+            launch_local_argv(2, 1, ARGS, wd), cwd=REPO, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        held.release()
+    assert r.returncode == exit_codes.USAGE, r.stdout[-3000:]
+    assert "exit codes [2, 2] -> 2" in r.stdout
+    for p in ("p0", "p1"):
+        assert re.search(rf"\[{p}\] .*held by run holder \(host .*pid {os.getpid()}", r.stdout)
+    assert sorted(os.listdir(wd)) == ["LEASE.lock"]  # nothing of the refused job was written
