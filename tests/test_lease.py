@@ -112,6 +112,28 @@ def test_a_holder_on_another_machine_expires_after_expiry_s(tmp_path):
     second.release()
 
 
+def test_a_paused_holder_renews_or_stops_at_its_next_boundary(tmp_path, monkeypatch):
+    """No renewal for expiry_s - renew_every_s (the thread did not run: SIGSTOP, a suspended
+    VM): the boundary's check renews in place if it can, and stops the run if it cannot."""
+    cfg = lease_lib.LeaseConfig(expiry_s=1.5)  # renewals every 0.5 s, stale after 1 s
+    lease = lease_lib.acquire(str(tmp_path), run_id="a", cfg=cfg)
+    old = lease.record["renewed"]
+    lease.check()  # fresh: no renewal
+    assert lease.record["renewed"] == old
+    time.sleep(1.05)
+    lease.check()  # nobody took over: renewed here, the run goes on
+    assert lease.record["renewed"] > old
+    time.sleep(1.05)
+
+    def unreachable(*a, **k):
+        raise OSError("the store is unreachable")
+
+    monkeypatch.setattr(lease.store, "replace", unreachable)
+    with pytest.raises(lease_lib.LeaseLost, match="could not be renewed"):
+        lease.check()  # stops before a contender may take it over (expiry at 1.5 s)
+    assert time.time() < lease.record["expires"]
+
+
 def test_renewal_thread_keeps_it_and_contenders_never_both_win(tmp_path):
     wd = str(tmp_path)
     cfg = lease_lib.LeaseConfig(expiry_s=0.6, renew_every_s=0.1)

@@ -368,12 +368,15 @@ class Lease:
             self._renewed_at = time.monotonic()
 
     def check(self) -> None:
-        """Raise LeaseLost unless the lease is still ours and fresh (a lock and a comparison,
-        unless the last renewal is older than `expiry_s`: then a renewal, here and now)."""
+        """Raise LeaseLost unless the lease is still ours and fresh: a comparison, unless the
+        last renewal is older than `expiry_s - period_s` (one renewal missed: paused, or the store
+        unreachable), then a renewal here and now. The margin makes a holder that cannot renew
+        stop before a contender may take the lease (expiry), clock skew aside."""
         if self._lost:
             raise LeaseLost(self._lost)
-        if time.monotonic() - self._renewed_at > self.cfg.expiry_s:
-            log.warning("workdir lease not renewed for over %gs; renewing", self.cfg.expiry_s)
+        stale_after = max(self.cfg.expiry_s - self.cfg.period_s, self.cfg.period_s)
+        if time.monotonic() - self._renewed_at > stale_after:
+            log.warning("workdir lease not renewed for over %gs; renewing", stale_after)
             try:
                 self.renew()
             except LeaseLost:
