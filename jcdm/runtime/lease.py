@@ -186,8 +186,15 @@ class BucketStore:
     preconditions on writes."""
 
     def __init__(self, workdir: str):
-        from google.api_core import exceptions
-        from google.cloud import storage
+        try:
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError as e:  # a configuration problem: exit 2, not a retry
+            raise ValueError(
+                f"a gs:// workdir needs google-cloud-storage for its lease ({e}); install the "
+                "project with `pip install -e .` (it is a dependency) or `pip install "
+                "google-cloud-storage`"
+            ) from e
 
         self._exc = exceptions
         bucket, _, prefix = workdir[len("gs://") :].partition("/")
