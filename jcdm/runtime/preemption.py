@@ -160,6 +160,7 @@ class PreemptionWatcher:
         self._previous = {}
         self._agreement: StopAgreement | None = None
         self._wakeup: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._start_wakeup_reader()
@@ -168,7 +169,7 @@ class PreemptionWatcher:
         r, w = os.pipe()
         os.set_blocking(w, False)  # the C-level handler must never block
         try:
-            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         except ValueError:  # not the main thread: the Python-level handler counts instead
             os.close(r)
             os.close(w)
@@ -264,7 +265,7 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(self._old_wakeup_fd)
             os.close(self._wakeup[1])  # the reader sees EOF and ends
             self._wakeup = None
 
