@@ -6,8 +6,9 @@ One workdir, four processes in turn:
     nothing in the workdir changed (A's committed checkpoints byte-identical);
   A is SIGKILLed; C (the restart) takes the lease over at once (A's pid is gone), resumes, and a
     SIGHUP during a save ends it with exit 4 after a committed checkpoint at the agreed step;
-  D resumes from C's checkpoint; Ctrl-C while it starts (restore/compile) and a second Ctrl-C
-    make it exit 4 at once; its stale lease is taken over at once on this host.
+  D resumes from C's checkpoint; Ctrl-C during its compile: one step, a committed save, exit 4;
+  E resumes from D's; Ctrl-C while it starts and a second one: exit 4 at once, D's checkpoint
+    kept, its stale lease taken over at once on this host.
 """
 
 from __future__ import annotations
@@ -134,20 +135,32 @@ def test_one_owner_per_workdir_and_clean_interrupts(tmp_path):
     assert "received SIGHUP" in c.out and "Traceback" not in c.out
     assert not os.path.exists(os.path.join(wd, "LEASE"))  # released at the end
 
-    # --- D: Ctrl-C while it starts, then again: exits at once ------------------------------------
+    # --- D: Ctrl-C while it compiles: one step, a save, exit 4 -----------------------------------
     d = Trainer(wd, str(tmp_path / "d.log"))
-    d.wait_for(lambda: f"resumed from step {k}" in d.out)
+    d.wait_for(lambda: f"resumed from step {k}" in d.out)  # logged just before the compile
     os.kill(d.proc.pid, signal.SIGINT)
-    d.wait_for(lambda: "received SIGINT: will save" in d.out, timeout=30)
-    os.kill(d.proc.pid, signal.SIGINT)
+    assert d.wait(timeout=120) == exit_codes.INTERRUPTED, d.out[-3000:]
+    out = d.out
+    assert out.index("received SIGINT: will save") < out.index("train step compiled")
+    k2 = int(re.search(r"interrupted: checkpoint at step (\d+) committed", out)[1])
+    assert k2 == k + 1 and k2 in committed(wd)
+    assert "Traceback" not in out and not os.path.exists(os.path.join(wd, "LEASE"))
+
+    # --- E: Ctrl-C while it starts, then again: exits at once (nothing to compile or save) --------
+    e = Trainer(wd, str(tmp_path / "e.log"))
+    e.wait_for(lambda: f"resumed from step {k2}" in e.out)
+    os.kill(e.proc.pid, signal.SIGINT)
+    e.wait_for(lambda: "received SIGINT: will save" in e.out, timeout=30)
+    os.kill(e.proc.pid, signal.SIGINT)
     t_sig = time.monotonic()
-    assert d.wait(timeout=30) == exit_codes.INTERRUPTED, d.out[-3000:]
+    assert e.wait(timeout=30) == exit_codes.INTERRUPTED, e.out[-3000:]
     assert time.monotonic() - t_sig < 5
-    assert "received SIGINT again: exiting at once" in d.out
-    assert k in committed(wd)  # the last committed checkpoint is kept
-    # D left its lease behind (no release on an immediate exit): the next run on this host takes
+    assert "received SIGINT again: exiting at once" in e.out
+    assert "train step compiled" not in e.out  # out of the middle of the compile
+    assert k2 in committed(wd)  # the last committed checkpoint is kept
+    # E left its lease behind (no release on an immediate exit): the next run on this host takes
     # it over at once, as its pid is gone.
-    assert json.load(open(os.path.join(wd, "LEASE")))["pid"] == d.proc.pid
+    assert json.load(open(os.path.join(wd, "LEASE")))["pid"] == e.proc.pid
     lease_lib.acquire(wd, run_id=run_id).release()
 
 
