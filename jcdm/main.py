@@ -1,8 +1,9 @@
 """Command line: `jcdm --gin gin/joint.gin --workdir DIR [--gin_bindings B ...] [--gin.K=V ...]`.
 
 Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers: a
-problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit)
-exits 2 and is not retried; any error once training has started exits 1 and is retried.
+problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit,
+a workdir whose lease another run holds) exits 2 and is not retried; any error once training has
+started exits 1 and is retried; Ctrl-C or SIGHUP saves and exits 4, not retried.
 """
 
 from __future__ import annotations
