@@ -127,10 +127,14 @@ class LocalStore:
 
     def _finished_tmp(self, data: bytes) -> str:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{NAME}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # e.g. a full disk: leave no temporary file behind
+            os.remove(tmp)
+            raise
         return tmp
 
     @contextlib.contextmanager
