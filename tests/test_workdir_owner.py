@@ -6,7 +6,8 @@ One workdir, four processes in turn:
     nothing in the workdir changed (A's committed checkpoints byte-identical);
   A is SIGKILLed; C (the restart) takes the lease over at once (A's pid is gone), resumes, and a
     SIGHUP during a save ends it with exit 4 after a committed checkpoint at the agreed step;
-  D resumes from C's checkpoint; Ctrl-C during its compile: one step, a committed save, exit 4;
+  D (a launcher's restart with its token, over a fresh lease of a vanished host) takes over at
+    once and resumes from C's checkpoint; Ctrl-C during its compile: one step, a save, exit 4;
   E resumes from D's; Ctrl-C while it starts and a second one: exit 4 at once, D's checkpoint
     kept, its stale lease taken over at once on this host.
 """
@@ -37,12 +38,13 @@ ARGS = [
 
 
 class Trainer:
-    def __init__(self, workdir: str, log: str, extra: tuple[str, ...] = ()):
+    def __init__(self, workdir: str, log: str, env: dict | None = None):
         self.log = log
         with open(log, "w") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jcdm", *ARGS, *extra, "--workdir", workdir],
+                [sys.executable, "-m", "jcdm", *ARGS, "--workdir", workdir],
                 cwd=REPO,
+                env={**os.environ, **(env or {})},
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -135,8 +137,17 @@ def test_one_owner_per_workdir_and_clean_interrupts(tmp_path):
     assert "received SIGHUP" in c.out and "Traceback" not in c.out
     assert not os.path.exists(os.path.join(wd, "LEASE"))  # released at the end
 
-    # --- D: Ctrl-C while it compiles: one step, a save, exit 4 -----------------------------------
-    d = Trainer(wd, str(tmp_path / "d.log"))
+    # --- D: a launcher's restart after its VM vanished; Ctrl-C while it compiles ------------------
+    # The previous attempt's lease, from a host that is gone, renewed a moment ago: only the
+    # launcher's restart token lets the new attempt in at once.
+    now = time.time()
+    stale = {"host": "vanished-vm", "boot_id": "x", "pid": 1, "run_id": run_id, "started": now,
+             "renewed": now, "expires": now + 60, "token": "launch-7"}  # fmt: skip
+    with open(os.path.join(wd, "LEASE"), "w") as f:
+        json.dump(stale, f)
+    d = Trainer(wd, str(tmp_path / "d.log"), env={"JCDM_LEASE_TOKEN": "launch-7"})
+    d.wait_for(lambda: "took over the workdir lease" in d.out)
+    assert "restart token" in d.out and "vanished-vm" in d.out
     d.wait_for(lambda: f"resumed from step {k}" in d.out)  # logged just before the compile
     os.kill(d.proc.pid, signal.SIGINT)
     assert d.wait(timeout=120) == exit_codes.INTERRUPTED, d.out[-3000:]
