@@ -62,7 +62,8 @@ Environment knobs: JCDM_POLL_S (30) JCDM_BACKOFF_S (30) JCDM_BACKOFF_MAX_S (600)
   JCDM_MAX_CREATE_FAILURES (50) JCDM_LOG_DIR (runs/launcher/RUN_ID) JCDM_STATE_DIR
   (~/.local/state/jcdm: records what this launcher created)
 Exit status: 0 finished, 1 gave up after failures, 2 usage/config error (also the trainer's 2),
-  3 trainer numerical failure, 130 interrupted (the trainer keeps running; rerun to re-attach).
+  3 trainer numerical failure, 4 the trainer was interrupted (SIGINT/SIGHUP on a worker),
+  130 this launcher interrupted (the trainer keeps running; rerun to re-attach).
 EOF
 }
 
@@ -350,7 +351,13 @@ run_workers() {
     die 1 "cannot run $REPO/jcdm/exit_codes.py with python3"
   read -r rc action <<<"$decision"
   case $action in
-    stop) if ((rc == 3)); then RESULT=numerical; else RESULT=usage; fi ;;
+    stop)
+      case $rc in
+        3) RESULT=numerical ;;
+        4) RESULT=interrupted ;;
+        *) RESULT=usage ;;
+      esac
+      ;;
     resume) RESULT=preempted ;;
     retry) RESULT=failed ;;
     done)
@@ -425,6 +432,8 @@ supervise() {
         ;;
       usage) die 2 "the trainer exited 2 (usage/config error); not restarting" ;;
       numerical) die 3 "the trainer exited 3 (numerical failure); not restarting" ;;
+      interrupted) die 4 "the trainer was interrupted (SIGINT/SIGHUP, exit 4) after committing a" \
+        "checkpoint; not restarting (rerun the same command to resume)" ;;
       preempted)
         failures=0
         preemptions=$((preemptions + 1))
@@ -581,6 +590,12 @@ fi
 
 make_trainer_args
 TRAINER_ENV=("WANDB_MODE=$WANDB_MODE_")
+# One restart token per supervising launcher: it starts an attempt only after the previous one
+# ended (exit codes read, or the VM gone), so the trainer takes over a workdir lease that carries
+# this token at once (jcdm/runtime/lease.py). tpu_worker.sh leaves it out of its fingerprint, so a
+# rerun of this launcher still re-attaches to a running trainer.
+LEASE_TOKEN=${JCDM_LEASE_TOKEN:-tpu-$RUN_ID-$(date -u +%Y%m%d%H%M%S)-$$-$RANDOM}
+TRAINER_ENV+=("JCDM_LEASE_TOKEN=$LEASE_TOKEN")
 [[ -z $WANDB_PROJECT_ ]] || TRAINER_ENV+=("WANDB_PROJECT=$WANDB_PROJECT_")
 [[ -z $WANDB_ENTITY_ ]] || TRAINER_ENV+=("WANDB_ENTITY=$WANDB_ENTITY_")
 # --env values may be secrets: they reach the workers in the 0600 secrets file, never on argv.

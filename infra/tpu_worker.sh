@@ -232,7 +232,10 @@ cmd_run() {
   local log=$rundir/trainer.log fp wpid
   local secrets_fp=""
   [[ ! -f $ROOT/secrets.env ]] || secrets_fp=$(sha256sum <"$ROOT/secrets.env" | cut -c1-64)
-  fp=$(printf '%s\0' "$commit" "${envs[@]}" "$secrets_fp" "$@" | sha256sum | cut -c1-32)
+  # The launcher's lease token changes with each launcher session: not part of the identity.
+  local -a fp_envs=()
+  for kv in "${envs[@]}"; do [[ $kv == JCDM_LEASE_TOKEN=* ]] || fp_envs+=("$kv"); done
+  fp=$(printf '%s\0' "$commit" "${fp_envs[@]}" "$secrets_fp" "$@" | sha256sum | cut -c1-32)
 
   if wpid=$(live_wrapper "$rundir"); then
     if [[ $(cat "$rundir/fingerprint" 2>/dev/null || true) == "$fp" ]]; then

@@ -1,13 +1,15 @@
 """Command line: `jcdm --gin gin/joint.gin --workdir DIR [--gin_bindings B ...] [--gin.K=V ...]`.
 
 Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers: a
-problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit)
-exits 2 and is not retried; any error once training has started exits 1 and is retried.
+problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit,
+a workdir whose lease another run holds) exits 2 and is not retried; any error once training has
+started exits 1 and is retried; Ctrl-C or SIGHUP saves and exits 4, not retried.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -53,6 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only_inference",
         action="store_true",
         help="restore a checkpoint and write samples (and FID) instead of training",
+    )
+    p.add_argument(
+        "--take_over_lease",
+        action="store_true",
+        help="take the workdir over from the run that holds its lease (only once you have "
+        "checked that run is dead: its process or machine is gone)",
     )
     p.add_argument("--log_level", default="INFO")
     short = [a for a in argv if a.startswith("--gin.")]
@@ -171,7 +179,7 @@ def run(argv: list[str]) -> int:
         return exit_codes.USAGE
     configure_logging(args.log_level)
 
-    from jcdm.runtime import compile_cache
+    from jcdm.runtime import compile_cache, lease
     from jcdm.training import train as train_lib
 
     try:
@@ -183,12 +191,23 @@ def run(argv: list[str]) -> int:
             with train_lib.startup_errors():  # nothing is trained: every input is configuration
                 inference.run(workdir=args.workdir)
         else:
-            train_lib.train(workdir=args.workdir, run_id=args.run_id)
+            with contextlib.ExitStack() as stack:
+                with train_lib.startup_errors():
+                    stack.enter_context(_workdir_lease(args))
+                train_lib.train(workdir=args.workdir, run_id=args.run_id)
+    except lease.LeaseHeld as e:
+        log.error("%s (exit %d)", e, exit_codes.USAGE)
+        distributed.shutdown()  # every process learns the refusal before process 0 leaves
+        return exit_codes.USAGE
     except train_lib.StartupError as e:
         log.error(
             "%s (found before the first step: exit %d, a restart cannot help)", e, exit_codes.USAGE
         )
         return exit_codes.USAGE
+    except train_lib.Interrupted as e:
+        log.warning("%s (exit %d, not restarted by the launchers)", e, exit_codes.INTERRUPTED)
+        distributed.shutdown()
+        return exit_codes.INTERRUPTED
     except train_lib.Preempted as e:
         log.warning("%s (exit %d)", e, exit_codes.PREEMPTED)
         distributed.shutdown()
@@ -212,6 +231,69 @@ def run(argv: list[str]) -> int:
     log.info("done")
     distributed.shutdown()
     return exit_codes.SUCCESS
+
+
+def _workdir_lease(args: argparse.Namespace):
+    """The workdir's lease for this job (process 0 takes it before anything is written; the
+    others learn the outcome), and the run id it records, created here on a new workdir."""
+    import uuid
+
+    import jax
+
+    from jcdm.runtime import io, lease
+    from jcdm.training import train as train_lib
+
+    kv = None
+    if jax.process_count() > 1:
+        from jax._src import distributed as _dist
+
+        kv = _dist.global_state.client
+    run_id, new_id = args.run_id, None
+    id_path = io.path(args.workdir) / "run_id"
+    if run_id is None and jax.process_index() == 0:
+        run_id = io.read_text(id_path).strip() if io.exists(id_path) else None
+        if run_id is None:
+            run_id = new_id = uuid.uuid4().hex[:12]
+
+    workdir = io.path(args.workdir)
+    fresh = jax.process_index() == 0 and not io.exists(workdir)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            with lease.hold(
+                args.workdir,
+                run_id=run_id,
+                take_over=args.take_over_lease,
+                process_index=jax.process_index(),
+                kv=kv,
+            ):
+                if new_id is not None:  # the run id the lease names is the one train() reads
+                    io.write_text(id_path, new_id)
+                yield
+        except train_lib.StartupError:
+            # A refused start leaves no trace: the workdir the lease created goes again (a
+            # workdir that existed before keeps its run id and lock file, as they were).
+            if fresh:
+                _remove_fresh_workdir(workdir)
+            raise
+
+    return held()
+
+
+def _remove_fresh_workdir(workdir) -> None:
+    """Remove what the lease and the run id put into a workdir this run created, and the
+    workdir itself if nothing else is in it."""
+    for name in ("run_id", "LEASE.lock"):
+        try:
+            (workdir / name).unlink()
+        except (FileNotFoundError, OSError):
+            pass
+    try:
+        if not any(workdir.iterdir()):
+            workdir.rmdir()
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -226,7 +226,7 @@ elif args[:1] and args[0].endswith("jcdm/exit_codes.py"):  # the launchers' poli
 elif args[:2] == ["-m", "jcdm"]:
     keys = ["WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY", "MY_VAR",
             "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-            "CUDA_VISIBLE_DEVICES"]
+            "CUDA_VISIBLE_DEVICES", "JCDM_LEASE_TOKEN"]
     gin = args[args.index("--gin") + 1] if "--gin" in args else ""
     me = os.environ.get("JAX_PROCESS_ID") or os.environ.get("JCDM_WORKER_ID", "")
     record("trainer", worker=me, env={k: os.environ.get(k) for k in keys},
@@ -473,6 +473,9 @@ def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
         assert t["data_ok"]  # the dataset was staged to local disk at the gin default path
         assert t["env"]["WANDB_PROJECT"] == "jcdm" and t["env"]["WANDB_MODE"] == "online"
         assert t["env"]["WANDB_API_KEY"] == "sekrit-key"
+    # One workdir-lease restart token for every attempt of this launcher (jcdm/runtime/lease.py).
+    tokens = {t["env"]["JCDM_LEASE_TOKEN"] for t in trainers}
+    assert len(tokens) == 1 and tokens.pop().startswith("tpu-spot-1-")
     # Each recreated VM is fresh, so the code was installed again every time.
     assert len(fake.python_records("pip")) == 2 * 3
     # The key never appears on a command line or in the launcher's output.
@@ -547,6 +550,7 @@ def test_trainer_output_cannot_forge_a_worker_exit_code(repo, fake):
     [
         ([{"rc": 2}], [], 2, 1),  # usage error: never restarted
         ([{"rc": 3}], [], 3, 1),  # numerical failure: never restarted
+        ([{"rc": 4}], [], 4, 1),  # interrupted (Ctrl-C/SIGHUP on a worker): never restarted
         ([{"rc": 1}, {"rc": 0}], [], 0, 2),  # a crash is retried on the same VM
         ([{"rc": 1}] * 2, ["--max-failures", "1"], 1, 2),  # ... a bounded number of times
         ([{"rc": 75}, {"rc": 0}], [], 0, 2),  # 75 with the VM still up: relaunch on it
@@ -688,12 +692,14 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
     nonce = "0123456789abcdef"
     run = ["bash", worker, "run", "--run-id", "r", "--commit", sha, "--nonce", nonce]
     run += ["--", "--run_id", "r"]
+    # Another launcher session passes another lease token: still the same trainer (re-attach).
+    run_token = [*run[:7], "--env", "JCDM_LEASE_TOKEN=session-1", *run[7:]]
     rundir = tmp_path / "worker" / "jcdm" / "runs" / "r"
     started: list[int] = []
     try:
         # 1) The ssh session dies (its shell is killed) while the trainer keeps running.
         with open(tmp_path / "first.out", "w") as out:
-            p = subprocess.Popen(run, env={**env, "FAKE_TRAINER_SLEEP": "2"}, stdout=out)
+            p = subprocess.Popen(run_token, env={**env, "FAKE_TRAINER_SLEEP": "2"}, stdout=out)
             _wait_for(lambda: len(fake.python_records()) == 1)
             started.append(fake.python_records()[0]["pid"])
             p.kill()
@@ -862,6 +868,7 @@ def test_sbatch_sets_jax_distributed_env_per_gpu(repo, fake):
     for t in trainers:
         assert t["env"]["JAX_COORDINATOR_ADDRESS"] == f"gpu01:{port}"
         assert t["env"]["JAX_NUM_PROCESSES"] == "4"
+        assert t["env"]["JCDM_LEASE_TOKEN"] == "slurm-777"  # the same on every requeue
         assert t["env"]["CUDA_VISIBLE_DEVICES"] == str(int(t["env"]["JAX_PROCESS_ID"]) % 2)
         assert t["argv"] == expected_trainer_argv("g2", "/shared/w", [AWKWARD[0]])
     srun = next(c for c in fake.calls() if c["tool"] == "srun")
@@ -885,6 +892,7 @@ def test_sbatch_one_process_per_node(repo, fake):
         ({"1": 75, "3": 1}, 0, 0, 0, True),  # 75 outranks peers that died with it
         ({"2": 2}, 0, 0, 2, False),  # usage error: never
         ({"0": 3, "1": 75}, 0, 0, 3, False),  # numerical: never
+        ({"0": 4, "1": 75}, 0, 0, 4, False),  # interrupted: never, even if a peer says 75
         ({"0": 1}, 0, 0, 0, True),  # crash: requeue ...
         ({"0": 137, "1": 1}, 0, 0, 0, True),  # a killed task (128 + 9) is a failure too
         ({"0": 1}, 0, 3, 1, False),  # ... until JCDM_MAX_FAILURE_REQUEUES in a row

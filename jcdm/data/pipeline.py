@@ -20,6 +20,7 @@ settings that define the stream, so it resumes exactly and with any worker count
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -161,6 +162,14 @@ class LocalBatches:
         return batch
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Run in each worker process: a Ctrl-C in a terminal (or a closed terminal's SIGHUP) reaches
+    the whole process group, and the trainer, not its data workers, decides how to stop (it still
+    needs batches to reach the step it saves at); Grain ends the workers when the trainer exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _ensure_absl_flags_parsed() -> None:
     """Grain reads absl flags when it starts worker processes; unparsed flags make it raise.
 
@@ -215,7 +224,7 @@ class TrainIterator(grain.DatasetIterator):
                     num_workers=self._worker_count,
                     per_worker_buffer_size=self._worker_buffer_size,
                 )
-                ds = ds.mp_prefetch(options)
+                ds = ds.mp_prefetch(options, worker_init_fn=_ignore_interrupts)
             self._inner = iter(ds)
         return self._inner
 

@@ -26,6 +26,7 @@ from jcdm import models
 from jcdm.ict import objective
 from jcdm.runtime import checkpoint as ckpt_lib
 from jcdm.runtime import io, peers, reporting, stall
+from jcdm.runtime import lease as lease_lib
 from jcdm.runtime import mesh as mesh_lib
 from jcdm.runtime import preemption as preemption_lib
 from jcdm.training import evaluation, faults
@@ -44,6 +45,16 @@ class Preempted(Exception):
 
     def __init__(self, step: int):
         super().__init__(f"preempted: checkpoint at step {step} committed; restart to resume")
+        self.step = step
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGHUP was handled: a checkpoint at `step` is committed (not restarted)."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"interrupted: checkpoint at step {step} committed; rerun the same command to resume"
+        )
         self.step = step
 
 
@@ -376,6 +387,7 @@ def train(
                 state, metrics = built.update(state, batch)
             step += steps_per_call
             final = step >= num_steps
+            lease_lib.check()  # another run took the workdir (we were paused or cut off): stop
             if step == start_step + steps_per_call:
                 _log_first_step(step, metrics, loop_uptime, restore_s, built.compile_s)
 
@@ -396,7 +408,7 @@ def train(
                 save(step)
                 with progress.paused():
                     checkpointer.wait()
-                raise Preempted(step)
+                raise Interrupted(step) if preemption.interrupted else Preempted(step)
             with progress.paused():
                 evaluator.maybe_run(step, state.ema_params, final=final)
             if final or evaluation.crossed(step, checkpointer.cfg.save_every, steps_per_call):

@@ -173,6 +173,11 @@ def _rules() -> dict[str, dict[str, Checker]]:
             "heartbeat_s": POS,
             "enabled": boolean,
         },
+        "LeaseConfig": {
+            "enabled": boolean,
+            "expiry_s": POS,
+            "renew_every_s": optional(POS),
+        },
         "WandbConfig": {
             "mode": optional(one_of("online", "offline", "disabled")),
             "project": text,
@@ -242,6 +247,11 @@ RELATIONS: list[tuple[str, Callable[[dict], bool], str]] = [
         "StallConfig",
         lambda b: b.get("peer_silence_s", 10.0) >= 3 * b.get("heartbeat_s", 1.0),
         "StallConfig.peer_silence_s must be at least 3 * StallConfig.heartbeat_s",
+    ),
+    (
+        "LeaseConfig",
+        lambda b: b.get("renew_every_s") is None or b["renew_every_s"] < b.get("expiry_s", 60.0),
+        "LeaseConfig.renew_every_s must be shorter than LeaseConfig.expiry_s",
     ),
 ]
 
