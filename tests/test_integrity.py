@@ -171,7 +171,7 @@ def test_a_checkpoint_without_a_manifest_restores_with_a_warning(tmp_path, caplo
     shutil.rmtree(tmp_path / "1" / integrity.ITEM)
     ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
     try:
-        with caplog.at_level(logging.WARNING, logger="jcdm.runtime.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="jcdm.runtime"):
             restored, step = ckpt.restore_latest(abstract(_state(1)))
         assert step == 1 and same(restored, _state(1))
         assert "no hash manifest" in caplog.text

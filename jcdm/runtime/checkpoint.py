@@ -372,39 +372,18 @@ class Checkpointer:
             first = str(e).splitlines()[0][:300] if str(e) else ""
             why = f"is unreadable ({type(e).__name__}: {first})"
         t0 = time.perf_counter()
-        names = sorted(integrity.leaf_specs(abstract_state))
-        totals = integrity.sum_over_processes(
-            integrity.local_sums(state) if state is not None else {}, names
-        )
-        if why is None:
-            problems = self._verify(step, state, data, totals)
-            if problems:
-                more = f", and {len(problems) - 3} more" if len(problems) > 3 else ""
-                why = (
-                    "is damaged: its values differ from the hashes saved with it ("
-                    + "; ".join(problems[:3])
-                    + more
-                    + ")"
-                )
+        step_dir = self.directory / str(step)
+        problems = integrity.verify_restored(step_dir, abstract_state, state, data)
+        if why is None and problems:
+            more = f", and {len(problems) - 3} more" if len(problems) > 3 else ""
+            why = (
+                "is damaged: its values differ from the hashes saved with it ("
+                + "; ".join(problems[:3])
+                + more
+                + ")"
+            )
         self.last_verify_s = time.perf_counter() - t0
         return (state, data, None) if why is None else (None, None, why)
-
-    def _verify(self, step: int, state, data: dict | None, totals: dict) -> list[str]:
-        step_dir = self.directory / str(step)
-        try:
-            found = integrity.read_manifest(step_dir)
-            meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        except (OSError, ValueError) as e:  # JSON errors are ValueErrors
-            return [f"{type(e).__name__}: {e}"]
-        if found is None:
-            log.warning(
-                "checkpoint at step %d has no hash manifest (saved by an older version): restored "
-                "without verification",
-                step,
-            )
-            return []
-        items = {"meta": meta} if data is None else {"meta": meta, "data": data}
-        return integrity.compare(found, integrity.leaf_specs(state), totals, items)
 
     def restore_latest(self, abstract_state, data_iterator=None) -> tuple[Any, int | None]:
         """Restore the newest intact checkpoint; fall back to older ones if it is damaged.
@@ -464,24 +443,10 @@ class Checkpointer:
             )
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Move unreadable steps out of the checkpoint directory (process 0), so that Orbax
+        """Move damaged steps out of the checkpoint directory (process 0), so that Orbax
         neither lists them nor refuses to save those steps again."""
         aside = self.directory.parent / (self.directory.name + UNREADABLE_SUFFIX)
-        if jax.process_index() == 0:
-            aside.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for step in steps:
-                src, dst = self.directory / str(step), aside / f"{step}-{stamp}"
-                try:
-                    src.rename(dst)
-                except Exception as e:  # some object stores cannot rename directories
-                    log.warning("could not move %s aside (%s); deleting it", src, e)
-                    src.rmtree()
-                log.warning("moved damaged checkpoint %d to %s", step, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jcdm checkpoints set aside")
+        integrity.set_aside(self.directory, steps, aside)
         self.manager.reload()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -227,6 +228,60 @@ def compare(
         if json_sha256(value) != found["items"].get(name):
             problems.append(f"item {name!r} differs from its SHA-256 in the manifest")
     return problems
+
+
+def verify_restored(step_dir: epath.Path, abstract_state, state, data: dict | None) -> list[str]:
+    """What differs between a restored step and its manifest ([] if nothing, or if the step
+    was saved without one, with a warning). `data`: the restored `data` item, or None if it was
+    not restored (then only `meta` is checked beside the arrays).
+
+    Every process must call it (the hashes are summed over all processes), with `state` None
+    where its read failed; the answer then means nothing and is [].
+    """
+    names = sorted(leaf_specs(abstract_state))
+    totals = sum_over_processes(local_sums(state) if state is not None else {}, names)
+    if state is None:
+        return []
+    try:
+        found = read_manifest(step_dir)
+        meta = json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())
+    except (OSError, ValueError) as e:  # JSON errors are ValueErrors
+        return [f"{type(e).__name__}: {e}"]
+    if found is None:
+        log.warning(
+            "checkpoint %s has no hash manifest (saved by an older version): restored without "
+            "verification",
+            step_dir,
+        )
+        return []
+    items = {"meta": meta} if data is None else {"meta": meta, "data": data}
+    return compare(found, leaf_specs(state), totals, items)
+
+
+def set_aside(directory: epath.Path, steps: list[int], aside: epath.Path) -> None:
+    """Move damaged checkpoint steps from `directory` into `aside` as `<step>-<time>` (process
+    0; every process returns once they are moved). Where a directory cannot be renamed (some
+    object stores), it is copied file by file and then removed: never only deleted."""
+    if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            src, dst = epath.Path(directory) / str(step), aside / f"{step}-{stamp}"
+            try:
+                src.rename(dst)
+            except Exception as e:
+                log.warning("could not rename %s (%s); copying it to %s", src, e, dst)
+                for f in src.rglob("*"):
+                    if f.is_file():
+                        target = dst / f.relative_to(src)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(f.read_bytes())
+                src.rmtree()
+            log.warning("moved damaged checkpoint %d to %s", step, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jcdm checkpoints set aside")
 
 
 # --- Across processes -----------------------------------------------------------------------------
