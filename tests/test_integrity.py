@@ -207,3 +207,26 @@ def test_an_unreadable_checkpoint_prints_no_event_loop_tracebacks(tmp_path, capf
             break
     assert quiet_loops.dropped > before, "no read was in flight when the loop closed: rerun"
     assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def test_metadata_that_contradicts_the_manifest_is_damage_not_another_configuration(tmp_path):
+    """A shape in the stored metadata that differs from the model would read as a checkpoint
+    of another configuration (exit 2, no fallback); when the checkpoint's own manifest
+    disagrees with its metadata, it is damage, and the run falls back."""
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, _state(1), FakeIterator(1), force=True)
+    ckpt.save(2, _state(2), FakeIterator(2), force=True)
+    ckpt.close()
+    wrong = abstract(_state(1))
+    wrong["params"]["w"] = jax.ShapeDtypeStruct((48, 20), jnp.float32)
+    # Step 2's manifest says what this model has: its metadata (48, 40) is the odd one out.
+    path = tmp_path / "2" / integrity.ITEM / "metadata"
+    found = json.loads(path.read_text())
+    found["arrays"]["params.w"]["shape"] = [48, 20]
+    path.write_text(json.dumps(found))
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointMismatch, match="checkpoint at step 1 "):
+            ckpt.restore_latest(wrong)  # step 2 skipped as damaged; step 1 is a real mismatch
+    finally:
+        ckpt.close()

@@ -430,9 +430,14 @@ class Checkpointer:
         """CheckpointMismatch if the state stored at `step` has other parameter names or shapes
         than `abstract_state`; nothing if they fit or the metadata is unreadable (a damaged
         checkpoint, which the read then reports)."""
+        step_dir = self.directory / str(step)
         try:
-            meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            meta = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
             mismatch = integrity.describe_mismatch(meta.tree, abstract_state)
+            # Metadata that contradicts the checkpoint's own manifest is damage, not another
+            # configuration: the read and verification below then fail and fall back.
+            if mismatch and not integrity.shapes_agree(step_dir, meta.tree):
+                return
         except Exception:
             return
         if mismatch:

@@ -230,6 +230,16 @@ def compare(
     return problems
 
 
+def shapes_agree(step_dir: epath.Path, stored_tree) -> bool:
+    """Whether a step's array metadata names the arrays and shapes its manifest does (True for
+    steps saved without a manifest). Raises ValueError for an unreadable manifest."""
+    found = read_manifest(step_dir)
+    if found is None:
+        return True
+    listed = {name: entry.get("shape") for name, entry in found["arrays"].items()}
+    return listed == {name: list(shape) for name, (_, shape) in leaf_specs(stored_tree).items()}
+
+
 def verify_restored(step_dir: epath.Path, abstract_state, state, data: dict | None) -> list[str]:
     """What differs between a restored step and its manifest ([] if nothing, or if the step
     was saved without one, with a warning). `data`: the restored `data` item, or None if it was
