@@ -58,7 +58,7 @@ def bench(which: str, root: Path, repeats: int) -> dict:
             restore_s = time.perf_counter() - t0
             del restored
             t0 = time.perf_counter()
-            restored, step = ckpt.restore_latest(target, FakeIterator())
+            restored, step = ckpt.restore_latest(target)
             jax.block_until_ready(restored)
             verified_s = time.perf_counter() - t0
             assert step == 1

@@ -230,3 +230,32 @@ def test_metadata_that_contradicts_the_manifest_is_damage_not_another_configurat
             ckpt.restore_latest(wrong)  # step 2 skipped as damaged; step 1 is a real mismatch
     finally:
         ckpt.close()
+
+
+def test_inspect_checkpoint_verifies_falls_back_and_moves_nothing(tmp_path, capsys):
+    """The tool reports a damaged newest step (garbage metadata: once an AttributeError) and
+    describes the newest intact one; a damaged --step N is an error; nothing is moved."""
+    from tools import inspect_checkpoint
+
+    ckdir = tmp_path / "checkpoints"
+    ckpt = checkpointer(ckdir, save_every=1, async_save=False)
+    for step in (1, 2, 3):
+        s = _state(step)
+        state = {"params": s["params"], "ema_params": s["params"], "step": s["step"]}
+        ckpt.save(step, state, FakeIterator(step), force=True)
+    ckpt.close()
+    (ckdir / "3" / "state" / "_METADATA").write_bytes(b"\x00garbage")
+    manifest_path = ckdir / "2" / integrity.ITEM / "metadata"
+    found = json.loads(manifest_path.read_text())
+    found["arrays"]["params.b"]["hash"] = "0" * 16
+    manifest_path.write_text(json.dumps(found))
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    info = inspect_checkpoint.describe(str(tmp_path))
+    assert info["step"] == 1 and info["verified"] is True and info["steps"] == [1, 2, 3]
+    assert set(info["damaged"]) == {"3", "2"}
+    assert "unreadable" in info["damaged"]["3"] and "params.b: hash" in info["damaged"]["2"]
+    err = capsys.readouterr().err
+    assert "checkpoint 3 is damaged" in err and "checkpoint 2 is damaged" in err
+    with pytest.raises(SystemExit, match="no intact checkpoint"):
+        inspect_checkpoint.describe(str(tmp_path), step=3)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing

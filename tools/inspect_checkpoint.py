@@ -106,13 +106,13 @@ def describe(workdir: str, step: int | None = None) -> dict:
         raise SystemExit(f"inspect_checkpoint: {workdir!r} holds no complete checkpoint")
     if step is not None and step not in steps:
         raise SystemExit(f"inspect_checkpoint: no checkpoint at step {step}; have {steps}")
-    damaged: dict[int, str] = {}
+    damaged: dict[str, str] = {}
     for candidate in [step] if step is not None else reversed(steps):
         base = checkpoint_dir(workdir) / str(candidate)
         try:
             state, verified = check(base)
         except ValueError as e:
-            damaged[candidate] = str(e)
+            damaged[str(candidate)] = str(e)  # str keys: the same after a JSON round trip
             print(f"inspect_checkpoint: checkpoint {candidate} is damaged: {e}", file=sys.stderr)
             continue
         break
