@@ -9,14 +9,18 @@ with normal noise (`bench/checkpoint.py`'s `abstract_train_state`, `materialize`
 `jcdm.runtime.checkpoint.Checkpointer` with synchronous saves on this process's devices, per
 repeat: one save (of which `hash_s` is the manifest's hashing), then `restore_s` = Orbax's
 restore alone (`Checkpointer._read`, no verification) and `restore_verified_s` =
-`restore_latest` (read + hash + compare; `verify_s` is the part after the read). Medians of
-`--repeats`. Writes `bench/results/integrity_<platform>.json` unless `--no-write`.
+`restore_latest` (metadata check + read + hash + compare; `verify_s` is the part after the
+read), and `hash_only_s` = `integrity.local_sums` of the state alone. `*_cpu_s` are the same
+regions in process CPU seconds (all threads), which a loaded machine inflates far less than
+wall time. Medians of `--repeats`. Writes `bench/results/integrity_<platform>.json` unless
+`--no-write`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -48,28 +52,28 @@ def bench(which: str, root: Path, repeats: int) -> dict:
         directory = root / f"{which}-{i}"
         ckpt = ckpt_lib.Checkpointer(directory, ckpt_lib.CheckpointConfig(async_save=False))
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ckpt.save(1, state, FakeIterator(), force=True)
-            save_s = time.perf_counter() - t0
+            save_s, save_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             hash_s = ckpt.last_hash_s
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             restored, _ = ckpt._read(1, target, with_data=False)
             jax.block_until_ready(restored)
-            restore_s = time.perf_counter() - t0
+            restore_s, restore_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             del restored
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             restored, step = ckpt.restore_latest(target)
             jax.block_until_ready(restored)
-            verified_s = time.perf_counter() - t0
+            verified_s, verified_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             assert step == 1
             del restored
             verify_s = ckpt.last_verify_s
         finally:
             ckpt.close()
             shutil.rmtree(directory, ignore_errors=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         integrity.local_sums(state)
-        hash_only_s = time.perf_counter() - t0
+        hash_only_s, hash_only_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         rows.append(
             dict(
                 save_s=save_s,
@@ -78,6 +82,10 @@ def bench(which: str, root: Path, repeats: int) -> dict:
                 restore_s=restore_s,
                 restore_verified_s=verified_s,
                 verify_s=verify_s,
+                save_cpu_s=save_cpu_s,
+                hash_only_cpu_s=hash_only_cpu_s,
+                restore_cpu_s=restore_cpu_s,
+                restore_verified_cpu_s=verified_cpu_s,
             )
         )
         print(which, i, {k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
@@ -90,6 +98,7 @@ def bench(which: str, root: Path, repeats: int) -> dict:
         "median": med,
         "hash_GBps": nbytes / med["hash_only_s"] / 1e9,
         "verify_over_restore": med["verify_s"] / med["restore_s"],
+        "hash_cpu_over_restore_cpu": med["hash_only_cpu_s"] / med["restore_cpu_s"],
     }
 
 
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="jcdm-integrity-bench-"))
     platform = jax.devices()[0].platform
     out = {"jax": jax.__version__, "platform": platform, "devices": jax.device_count()}
+    out["load_average_before"] = list(os.getloadavg())
     for which in args.states:
         out[which] = r = bench(which, root, args.repeats)
         m = r["median"]
@@ -110,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{which}: {r['arrays']} arrays, {r['bytes'] / 2**20:.0f} MiB; hash at save "
             f"{m['hash_s']:.2f}s of {m['save_s']:.2f}s ({r['hash_GBps']:.2f} GB/s); restore "
             f"{m['restore_s']:.2f}s, verified {m['restore_verified_s']:.2f}s (verify "
-            f"{m['verify_s']:.2f}s = {100 * r['verify_over_restore']:.0f}% of the restore)"
+            f"{m['verify_s']:.2f}s = {100 * r['verify_over_restore']:.0f}% of the restore); CPU "
+            f"seconds: hash {m['hash_only_cpu_s']:.2f}, restore {m['restore_cpu_s']:.2f} "
+            f"({100 * r['hash_cpu_over_restore_cpu']:.0f}%)"
         )
+    out["load_average_after"] = list(os.getloadavg())
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_write:
