@@ -58,6 +58,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     short = [a for a in argv if a.startswith("--gin.")]
     rest = [a for a in argv if not a.startswith("--gin.")]
     args = p.parse_args(rest)
+    from jcdm.training import validate
+
+    try:  # before the workdir becomes absolute: "" would become the current directory
+        validate.check_command_line(
+            workdir=args.workdir, log_level=args.log_level, run_id=args.run_id
+        )
+    except validate.ConfigError as e:
+        p.error(str(e))
     if "://" not in args.workdir:  # Orbax/TensorStore need absolute local paths
         args.workdir = os.path.abspath(args.workdir)
     for a in short:
@@ -76,7 +84,7 @@ def configure_logging(level: str) -> None:
     fmt = f"%(asctime)s p{jax.process_index()} %(levelname).1s %(name)s] %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, datefmt="%H:%M:%S", force=True)
     # Gloo and absl chatter drowns the trainer's own lines.
-    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
+    for noisy in ("absl", "jax._src", "orbax", "etils", "grain", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -85,10 +93,17 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     import gin
 
     import jcdm.register  # noqa: F401  (imports every configurable so gin can see it)
+    from jcdm.runtime import io
 
     gin.add_config_file_search_path(GIN_DIR)
     gin.add_config_file_search_path(os.getcwd())
+    # A bucket run's own config.gin (the command it prints at its end) is read from the bucket.
+    gin.config.register_file_reader(_open_url, lambda f: f.startswith("gs://") and io.exists(f))
     for f in files:
+        if not io.is_local(f):
+            if io.exists(f):
+                continue
+            raise UsageError(f"gin file {f!r} not found")
         if not os.path.exists(f) and not os.path.exists(os.path.join(GIN_DIR, f)):
             raise UsageError(f"gin file {f!r} not found (configs live in {GIN_DIR})")
     quiet = _DropGinPathProbes()
@@ -106,16 +121,18 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         logging.getLogger().removeFilter(quiet)
 
 
-def _check_required_bindings() -> None:
-    """gin would only say so when `train` is called, as a RuntimeError (retryable) otherwise."""
-    import gin
+def _open_url(f: str):
+    from jcdm.runtime import io
 
-    missing = [p for p in ("num_steps", "global_batch_size") if p not in gin.get_bindings("train")]
-    if missing:
-        raise UsageError(
-            f"the gin configuration binds no {', '.join('train.' + p for p in missing)} "
-            "(gin/joint.gin sets both; add --gin.train.num_steps=N)"
-        )
+    return io.path(f).open("r")
+
+
+def _check_missing_bucket_client(args: argparse.Namespace) -> None:
+    from jcdm.runtime import io
+
+    for p in [args.workdir, *args.gin]:
+        if message := io.missing_bucket_client(p):
+            raise UsageError(message)
 
 
 class _DropGinPathProbes(logging.Filter):
@@ -136,9 +153,14 @@ def run(argv: list[str]) -> int:
     from jcdm.runtime import distributed
 
     try:
+        _check_missing_bucket_client(args)
         parse_gin(args.gin, args.gin_bindings)
-        if not args.only_inference:
-            _check_required_bindings()
+        from jcdm.training import validate
+
+        try:  # every binding's type and range, before anything is started or written
+            validate.check_bindings(training=not args.only_inference)
+        except validate.ConfigError as e:
+            raise UsageError(str(e)) from e
     except UsageError as e:
         print(f"jcdm: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
@@ -174,6 +196,14 @@ def run(argv: list[str]) -> int:
     except train_lib.NumericalError as e:
         log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
         return exit_codes.NUMERICAL
+    except ImportError as e:  # e.g. gcsfs for a gs:// path in a binding: a retry cannot fix it
+        log.error(
+            "%s (exit %d: a package is missing; install it, e.g. `pip install -e .` for jcdm's "
+            "dependencies, then rerun)",
+            e,
+            exit_codes.USAGE,
+        )
+        return exit_codes.USAGE
     except Exception as e:  # once training has started, everything is worth a retry
         log.exception(
             "%s: %s (exit %d, retried by the launchers)", type(e).__name__, e, exit_codes.FAILURE

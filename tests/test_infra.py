@@ -239,6 +239,7 @@ elif args[:2] == ["-m", "jcdm"]:
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"fake trainer {me}: step 1", flush=True)
+    print("fake trainer config:", *args, flush=True)  # as a trainer logs its bindings
     time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP", "0")))
     rc_map = json.loads(os.environ.get("FAKE_TRAINER_RC_MAP", "{}"))
     sys.exit(int(rc_map.get(me, os.environ.get("FAKE_TRAINER_RC", "0"))))
@@ -417,6 +418,7 @@ def test_dry_run_prints_every_cloud_command_and_runs_none(repo, fake):
         repo / "infra/launch_tpu_vm.sh",
         "--gin", "gin/joint.gin", "--workdir", "gs://bkt/runs/r1", "--run-id", "r1",
         "--project", "proj", "--dry-run", "train.num_steps=1000", "wandb.project='my proj'",
+        "--env", "HF_TOKEN=hf-sekrit-token",
         env={"WANDB_API_KEY": "sekrit-key"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -431,7 +433,8 @@ def test_dry_run_prints_every_cloud_command_and_runs_none(repo, fake):
         assert part in create
     assert any("tpu-vm scp" in ln and "--worker=all" in ln for ln in lines)
     assert sum("tpu-vm ssh" in ln and "--worker=all" in ln for ln in lines) == 2
-    assert "sekrit-key" not in r.stdout + r.stderr
+    assert "sekrit" not in r.stdout + r.stderr  # neither WANDB_API_KEY nor the --env value
+    assert "HF_TOKEN" in r.stderr  # the variable is named, its value is not
 
 
 def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
@@ -481,6 +484,7 @@ def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
         "attempt-001.log", "attempt-002.log", "attempt-003.log"
     ]  # fmt: skip
     assert "preemption" in (logs / "launcher.log").read_text()
+    assert not any("sekrit" in p.read_text() for p in logs.iterdir())
 
 
 def test_pod_runs_on_all_workers_with_exact_awkward_bindings(repo, fake, tmp_path):
@@ -511,6 +515,31 @@ def test_pod_runs_on_all_workers_with_exact_awkward_bindings(repo, fake, tmp_pat
         assert t["env"]["MY_VAR"] == "it's $HOME"
         assert t["env"]["WANDB_PROJECT"] == "my proj" and t["env"]["WANDB_ENTITY"] == "me"
     assert not fake.pwned.exists()  # no command substitution ran anywhere
+    # The --env value travelled in a 0600 file, not on any command line or in the logs.
+    assert "MY_VAR=" not in json.dumps(calls) + r.stdout + r.stderr
+    for i in range(4):
+        secrets = fake.dir / "vm" / "pod" / f"w{i}" / "jcdm" / "secrets.env"
+        assert secrets.stat().st_mode & 0o777 == 0o600
+    logs = Path(fake.env["JCDM_LOG_DIR"])
+    assert not any("it's $HOME" in p.read_text() for p in logs.iterdir())
+
+
+def test_trainer_output_cannot_forge_a_worker_exit_code(repo, fake):
+    # A typo'd run exits 2; its bindings, echoed by the trainer, carry marker-like lines.
+    fake.state({"runs": [{"rc": 2}]})
+    forged = [
+        "train.note='JCDM_EXIT_CODE worker=w0 rc=3'",
+        "train.x='a\nJCDM_EXIT_CODE worker=w0 rc=3'",
+        "train.y='\nJCDM_EXIT_CODE nonce=00000000000000000000000000000000 worker=w0 rc=0'",
+    ]
+    r = fake.run(
+        repo / "infra/launch_tpu_vm.sh", "--gin", "gin/joint.gin", "--run-id", "f",
+        "--workdir", "gs://b/f", "--", *forged,
+    )  # fmt: skip
+    assert "JCDM_EXIT_CODE worker=w0 rc=3" in r.stdout  # the forgery reached the output...
+    assert r.returncode == 2, r.stderr  # ...but the usage error stays a usage error
+    assert "exit codes reported by 1/1 workers: worker=w0 rc=2" in r.stderr
+    assert "usage/config error" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -656,7 +685,9 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
     env = _worker_env(fake, tmp_path)
     setup = ["bash", worker, "setup", "--commit", sha, "--tarball", str(tarball)]
     subprocess.run(setup, env=env, check=True, capture_output=True, timeout=30)
-    run = ["bash", worker, "run", "--run-id", "r", "--commit", sha, "--", "--run_id", "r"]
+    nonce = "0123456789abcdef"
+    run = ["bash", worker, "run", "--run-id", "r", "--commit", sha, "--nonce", nonce]
+    run += ["--", "--run_id", "r"]
     rundir = tmp_path / "worker" / "jcdm" / "runs" / "r"
     started: list[int] = []
     try:
@@ -670,7 +701,7 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
         # 2) Relaunching the same command re-attaches and reports the trainer's exit code.
         r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30)
         assert "re-attaching" in r.stderr
-        assert r.returncode == 0 and "JCDM_EXIT_CODE worker=w0 rc=0" in r.stdout
+        assert r.returncode == 0 and f"JCDM_EXIT_CODE nonce={nonce} worker=w0 rc=0" in r.stdout
         assert len(fake.python_records()) == 1  # not started twice
 
         # 3) A stale trainer started with other arguments is stopped (SIGTERM -> 75) first.
@@ -763,6 +794,7 @@ def test_shared_option_parsing_of_both_launchers(repo):
         (["--gin", "gin/joint.gin", "--wandb-mode", "loud"], "--wandb-mode must be"),
         (["--gin", "gin/joint.gin", " "], "empty gin binding"),
         (["--gin", "/etc/hostname"], "not inside the repo"),
+        (["--gin", "gin/joint.gin", "--run-id", "x" * 65], "at most 64, as the trainer"),
     ],
 )  # fmt: skip
 def test_shared_option_parsing_refuses_with_exit_2(repo, args, message):
@@ -781,6 +813,7 @@ def test_launch_slurm_submits_with_exact_arguments(repo, fake):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "4242"
+    assert "MY_VAR" not in r.stderr  # the environment reaches the job, never argv or the log
     (call,) = fake.calls()
     assert call["tool"] == "sbatch"
     argv = call["argv"]

@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", type=int, default=None, help="default: the latest")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from jcdm.runtime import io
+
+    if message := io.missing_bucket_client(args.workdir):
+        print(f"inspect_checkpoint: {message}", file=sys.stderr)
+        raise SystemExit(2)
     from absl import logging as absl_logging
 
     # Orbax warns about metadata files that only newer writers create; not the user's concern.

@@ -305,7 +305,6 @@ def train(
         fault = faults.parse(test_fault)
         eval_cfg, fid_cfg = evaluation.EvalConfig(), evaluation.FIDConfig()  # before compiling
         stall_cfg = stall.StallConfig()
-        io.mkdirs(workdir)  # a local path or a bucket URL
         built = build(
             global_batch_size=global_batch_size,
             seed=seed,
@@ -317,6 +316,8 @@ def train(
             compile_update=False,
         )
         data_it = built.data_it
+        _check_dataset_fits(data_it.spec.num_records, global_batch_size)
+        io.mkdirs(workdir)  # a local path or a bucket URL; after every check of the settings
         # Restore before compiling: a checkpoint that does not fit the configuration stops the
         # run at once, and restart time splits into its parts.
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -432,6 +433,18 @@ def _log_first_step(step, metrics, loop_uptime: float, restore_s: float, compile
         compile_s,
         total - loop_uptime,
     )
+
+
+def _check_dataset_fits(num_records: int, global_batch_size: int) -> None:
+    """Refuse a dataset smaller than one global batch: every batch would repeat its images, which
+    is a wrong dataset path or batch size far more often than an intent."""
+    if num_records < global_batch_size:
+        raise data_lib.DataError(
+            f"the dataset holds {num_records} image(s), fewer than one global batch "
+            f"(train.global_batch_size={global_batch_size}): every batch would repeat them. "
+            "Check make_train_iterator.dataset, or set train.global_batch_size to at most "
+            f"{num_records}"
+        )
 
 
 def _check_finite(state, step: int) -> None:
