@@ -17,6 +17,16 @@ import pytest
 from jcdm.runtime import io, reporting
 
 
+@pytest.fixture(autouse=True)
+def _no_gin_left_behind():
+    """Tests here run `jcdm.main.run` in-process, which parses gin/smoke.gin into the global
+    config; later test files (NCSN++ parameter counts) must see the defaults again."""
+    yield
+    import gin
+
+    gin.clear_config(clear_constants=True)
+
+
 def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     target = tmp_path / "a" / "b" / "x.json"
     io.write_json(target, {"k": [1, 2]})
