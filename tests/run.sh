@@ -46,6 +46,11 @@ fi
 workers=${JCDM_TEST_WORKERS:-2}
 par=() slow_par=()
 if ((workers > 0)); then
+  if ! python -c 'import xdist' 2>/dev/null; then
+    echo "tests/run.sh: pytest-xdist is not installed; run without --no-install (it is in the" \
+      "dev extra: pip install -e '.[dev,fid]'), or JCDM_TEST_WORKERS=0 for one process" >&2
+    exit 2
+  fi
   par=(-n "$workers" --dist loadfile)
   slow_par=("${par[@]}" --no-loadscope-reorder)
 fi
