@@ -28,6 +28,29 @@ if REPO not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
 
 
+# The slow tier's most expensive files, most expensive first (CPU seconds with a cold compile
+# cache, tests/README.md "Suite timings"). Under pytest-xdist (tests/run.sh: two workers, one
+# file each at a time, in this order) a long file that started last would run alone at the end.
+HEAVY_FIRST = (
+    "test_soak.py",
+    "test_checkpoint.py",
+    "test_precision.py",
+    "test_multihost.py",
+    "test_train.py",
+    "test_stall.py",
+    "test_inference.py",
+    "test_compile_cache.py",
+    "test_integrity_trainer.py",
+    "test_bucket.py",
+    "test_workdir_owner.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def repo() -> str:
     return REPO
