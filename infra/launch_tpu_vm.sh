@@ -28,7 +28,8 @@ Training
   --wandb-mode M           online|offline|disabled (default $WANDB_MODE or online)
   --wandb-project P        default $WANDB_PROJECT;  --wandb-entity E  default $WANDB_ENTITY
                            ($WANDB_API_KEY is shipped to the workers in a 0600 file, never on argv)
-  --env NAME=VALUE         extra environment for the trainer, repeatable
+  --env NAME=VALUE         extra environment for the trainer, repeatable (shipped in the same
+                           0600 file: values never appear on argv, in --dry-run output or logs)
   --data gs://BUCKET/DIR   dataset directory (from tools/prepare_cifar10.py --out) copied once to
                            every worker's disk and visible as data/DIR in the code directory, so
                            the default DATA_DIR='data/cifar10/train' works; repeatable
@@ -61,7 +62,8 @@ Environment knobs: JCDM_POLL_S (30) JCDM_BACKOFF_S (30) JCDM_BACKOFF_MAX_S (600)
   JCDM_MAX_CREATE_FAILURES (50) JCDM_LOG_DIR (runs/launcher/RUN_ID) JCDM_STATE_DIR
   (~/.local/state/jcdm: records what this launcher created)
 Exit status: 0 finished, 1 gave up after failures, 2 usage/config error (also the trainer's 2),
-  3 trainer numerical failure, 130 interrupted (the trainer keeps running; rerun to re-attach).
+  3 trainer numerical failure, 4 the trainer was interrupted (SIGINT/SIGHUP on a worker),
+  130 this launcher interrupted (the trainer keeps running; rerun to re-attach).
 EOF
 }
 
@@ -311,9 +313,15 @@ setup_workers() {
 
 # Runs the trainer on all workers; sets RESULT to finished|usage|numerical|preempted|failed|lost.
 run_workers() {
+  # A fresh random nonce per attempt: only the worker script's own marker line carries it, so
+  # no line of trainer output (a binding's value, say) can pass for a worker's exit code. Not
+  # anchored to the line start: gcloud may prefix a worker's lines.
+  local nonce
+  nonce=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   local -a remote=(bash jcdm_tpu_worker.sh run --run-id "$RUN_ID" --commit "$SHA")
+  remote+=(--nonce "$nonce")
   local kv alog ssh_rc=0 line n=0 rc action decision
-  local -a codes=()
+  local -a codes=() reported=()
   for kv in "${TRAINER_ENV[@]}"; do remote+=(--env "$kv"); done
   remote+=(-- "${TRAINER_ARGS[@]}")
   log "attempt $ATTEMPT: starting the trainer on all workers (run $RUN_ID)"
@@ -329,10 +337,11 @@ run_workers() {
   set -e
   while read -r line; do
     codes+=("${line##*rc=}")
+    reported+=("${line#* nonce="$nonce" }")
     n=$((n + 1))
-  done < <(grep -oE 'JCDM_EXIT_CODE worker=[^ ]+ rc=[0-9]+' "$alog" | sort -u)
+  done < <(grep -oaE "JCDM_EXIT_CODE nonce=$nonce worker=[^ ]+ rc=[0-9]+" "$alog" | sort -u)
   log "attempt $ATTEMPT: gcloud ssh exit $ssh_rc; exit codes reported by $n/$WORKERS workers:" \
-    "$(grep -oE 'worker=[^ ]+ rc=[0-9]+' "$alog" | sort -u | tr '\n' ' ')"
+    "${reported[*]}"
   if ((n == 0)); then
     RESULT=lost
     return 0
@@ -342,7 +351,13 @@ run_workers() {
     die 1 "cannot run $REPO/jcdm/exit_codes.py with python3"
   read -r rc action <<<"$decision"
   case $action in
-    stop) if ((rc == 3)); then RESULT=numerical; else RESULT=usage; fi ;;
+    stop)
+      case $rc in
+        3) RESULT=numerical ;;
+        4) RESULT=interrupted ;;
+        *) RESULT=usage ;;
+      esac
+      ;;
     resume) RESULT=preempted ;;
     retry) RESULT=failed ;;
     done)
@@ -417,6 +432,8 @@ supervise() {
         ;;
       usage) die 2 "the trainer exited 2 (usage/config error); not restarting" ;;
       numerical) die 3 "the trainer exited 3 (numerical failure); not restarting" ;;
+      interrupted) die 4 "the trainer was interrupted (SIGINT/SIGHUP, exit 4) after committing a" \
+        "checkpoint; not restarting (rerun the same command to resume)" ;;
       preempted)
         failures=0
         preemptions=$((preemptions + 1))
@@ -573,9 +590,15 @@ fi
 
 make_trainer_args
 TRAINER_ENV=("WANDB_MODE=$WANDB_MODE_")
+# One restart token per supervising launcher: it starts an attempt only after the previous one
+# ended (exit codes read, or the VM gone), so the trainer takes over a workdir lease that carries
+# this token at once (jcdm/runtime/lease.py). tpu_worker.sh leaves it out of its fingerprint, so a
+# rerun of this launcher still re-attaches to a running trainer.
+LEASE_TOKEN=${JCDM_LEASE_TOKEN:-tpu-$RUN_ID-$(date -u +%Y%m%d%H%M%S)-$$-$RANDOM}
+TRAINER_ENV+=("JCDM_LEASE_TOKEN=$LEASE_TOKEN")
 [[ -z $WANDB_PROJECT_ ]] || TRAINER_ENV+=("WANDB_PROJECT=$WANDB_PROJECT_")
 [[ -z $WANDB_ENTITY_ ]] || TRAINER_ENV+=("WANDB_ENTITY=$WANDB_ENTITY_")
-TRAINER_ENV+=("${USER_ENV[@]}")
+# --env values may be secrets: they reach the workers in the 0600 secrets file, never on argv.
 
 exec 3>&1
 TMPD=$(mktemp -d "${TMPDIR:-/tmp}/jcdm-launch.XXXXXX")
@@ -631,13 +654,22 @@ if [[ $CODE == local ]]; then
     git -C "$REPO" archive --format=tar.gz --prefix="jcdm-$SHA/" -o "$TARBALL" "$SHA"
   fi
 fi
-if [[ -n ${WANDB_API_KEY:-} ]]; then
+if [[ -n ${WANDB_API_KEY:-} || ${#USER_ENV[@]} -gt 0 ]]; then
+  # WANDB_API_KEY and every --env NAME=VALUE go to the workers in this 0600 file (scp, then
+  # sourced by the worker): a value never appears on a gcloud command line, in --dry-run output
+  # or in the launcher's logs, which name only the variables.
   SECRETS=$TMPD/jcdm_secrets.env
   (
     umask 077
-    printf 'WANDB_API_KEY=%s\n' "$(shquote "$WANDB_API_KEY")" >"$SECRETS"
-  )
-elif [[ $WANDB_MODE_ == online ]]; then
+    [[ -z ${WANDB_API_KEY:-} ]] || printf 'WANDB_API_KEY=%s\n' "$(shquote "$WANDB_API_KEY")"
+    for kv in "${USER_ENV[@]}"; do printf '%s=%s\n' "${kv%%=*}" "$(shquote "${kv#*=}")"; done
+  ) >"$SECRETS"
+  names=()
+  for kv in "${USER_ENV[@]}"; do names+=("${kv%%=*}"); done
+  log "trainer environment in a 0600 file for the workers:${WANDB_API_KEY:+ WANDB_API_KEY}" \
+    "${names[*]}"
+fi
+if [[ -z ${WANDB_API_KEY:-} && $WANDB_MODE_ == online ]]; then
   log "WARNING: WANDB_API_KEY is not set; online W&B logging needs the workers to be logged in"
 fi
 

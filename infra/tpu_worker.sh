@@ -7,10 +7,11 @@
 #       Unpack (or clone) the code at SHA into ~/jcdm/code/SHA and `pip install -e '.[EXTRAS]'` it
 #       into ~/jcdm/venv; copy each --data directory once to ~/jcdm/data/NAME (the trainer reads
 #       local files only) and link it as data/NAME in the code directory. Idempotent.
-#   jcdm_tpu_worker.sh run --run-id ID --commit SHA [--env K=V]... -- TRAINER_ARGS...
+#   jcdm_tpu_worker.sh run --run-id ID --commit SHA --nonce HEX [--env K=V]... -- TRAINER_ARGS...
 #       Start `python -m jcdm TRAINER_ARGS` from ~/jcdm/code/SHA, detached from this ssh session,
 #       appending to ~/jcdm/runs/ID/trainer.log; stream that log to stdout with a [worker] prefix,
-#       then print `JCDM_EXIT_CODE worker=W rc=N` and exit N. If a trainer for the same run is still
+#       then print `JCDM_EXIT_CODE nonce=HEX worker=W rc=N` and exit N. The launcher's random
+#       nonce is never given to the trainer, so its output cannot forge this line. If a trainer for the same run is still
 #       alive (the previous ssh connection dropped) and was started with the same arguments, it is
 #       re-attached instead of started twice; if its arguments differ it is stopped first.
 #   jcdm_tpu_worker.sh stop --run-id ID
@@ -35,7 +36,7 @@ die() {
 }
 
 check_commit() { [[ $1 =~ ^[0-9a-f]{7,40}$ ]] || die "bad --commit '$1' (want a hex sha)"; }
-check_run_id() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] || die "bad --run-id '$1'"; }
+check_run_id() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || die "bad --run-id '$1'"; }
 
 # ---------------------------------------------------------------------------------------- setup
 cmd_setup() {
@@ -62,6 +63,8 @@ cmd_setup() {
   if [[ -n $secrets ]]; then
     install -m 600 "$secrets" "$ROOT/secrets.env"
     rm -f "$secrets"
+  else
+    rm -f "$ROOT/secrets.env" # an earlier launch's --env values must not leak into this run
   fi
 
   local code=$ROOT/code/$commit
@@ -200,8 +203,9 @@ stream() { # file, wrapper pid, tail start option: streams until the wrapper exi
   tail "$start" -F --pid="$wpid" -s "$POLL_S" "$log" 2>/dev/null | sed -u "s/^/[$WORKER] /" || true
 }
 
+NONCE=""
 marker() {
-  printf 'JCDM_EXIT_CODE worker=%s rc=%s\n' "$WORKER" "$1"
+  printf 'JCDM_EXIT_CODE nonce=%s worker=%s rc=%s\n' "$NONCE" "$WORKER" "$1"
   exit "$1"
 }
 
@@ -213,18 +217,25 @@ cmd_run() {
     case $1 in
       --run-id) run_id=$2 && shift 2 ;;
       --commit) commit=$2 && shift 2 ;;
+      --nonce) NONCE=$2 && shift 2 ;;
       --env) envs+=("$2") && shift 2 ;;
       --) shift && break ;;
       *) die "run: unknown argument '$1'" ;;
     esac
   done
+  [[ $NONCE =~ ^[0-9a-f]{16,64}$ ]] || die "run: --nonce HEX (16-64 hex digits) is required"
   check_run_id "$run_id"
   check_commit "$commit"
   local code=$ROOT/code/$commit rundir=$ROOT/runs/$run_id
   [[ -f $code/.jcdm-complete && -x $VENV/bin/python ]] || die "code $commit not set up; run setup"
   mkdir -p "$rundir"
   local log=$rundir/trainer.log fp wpid
-  fp=$(printf '%s\0' "$commit" "${envs[@]}" "$@" | sha256sum | cut -c1-32)
+  local secrets_fp=""
+  [[ ! -f $ROOT/secrets.env ]] || secrets_fp=$(sha256sum <"$ROOT/secrets.env" | cut -c1-64)
+  # The launcher's lease token changes with each launcher session: not part of the identity.
+  local -a fp_envs=()
+  for kv in "${envs[@]}"; do [[ $kv == JCDM_LEASE_TOKEN=* ]] || fp_envs+=("$kv"); done
+  fp=$(printf '%s\0' "$commit" "${fp_envs[@]}" "$secrets_fp" "$@" | sha256sum | cut -c1-32)
 
   if wpid=$(live_wrapper "$rundir"); then
     if [[ $(cat "$rundir/fingerprint" 2>/dev/null || true) == "$fp" ]]; then

@@ -5,6 +5,7 @@ This file is the one definition of the policy. Python callers (`jcdm.dev.launch_
 `infra/slurm/jcdm.sbatch`) run it as a script, which needs nothing but the standard library:
 
     python3 jcdm/exit_codes.py decide 1 137 75     # prints "75 resume"
+    python3 jcdm/exit_codes.py decide 75 4         # prints "4 stop"
 
 `decide` combines the codes of a job's processes (`combine`) and names what to do (`action`).
 
@@ -12,6 +13,8 @@ This file is the one definition of the policy. Python callers (`jcdm.dev.launch_
 - 2 (stop): found before the first step: command line, gin, data, mesh, or checkpoints that do
   not fit the configuration.
 - 3 (stop): non-finite loss or gradient (the last good checkpoint is kept).
+- 4 (stop): interrupted by the user (SIGINT/Ctrl-C or SIGHUP): checkpoint at the agreed step
+  committed (a second Ctrl-C exits 4 at once, keeping the last committed one); rerun to resume.
 - 75 (resume): preempted (SIGTERM); checkpoint at the agreed step committed.
 - 1, 128+n, anything else (retry, bounded): any failure once training has started (crash, lost
   or stalled peer, failed save, I/O), or a process killed by signal n.
@@ -35,13 +38,20 @@ or checkpoints that do not fit the configuration. Restarting cannot help."""
 NUMERICAL = 3
 """A non-finite loss or gradient. The last good checkpoint is kept; restarting would repeat it."""
 
+INTERRUPTED = 4
+"""Interrupted by the user (SIGINT, i.e. Ctrl-C, or SIGHUP): the processes agreed on a step, and a
+checkpoint there was committed; after a second Ctrl-C the process exits at once with this code,
+keeping the last committed checkpoint. An interrupt is the user's decision: never retried. Rerun
+the same command to resume."""
+
 PREEMPTED = 75
 """Preemption notice (SIGTERM) handled: a checkpoint at the agreed step was written and committed.
 Restart the same command to resume. 75 is EX_TEMPFAIL from sysexits.h."""
 
-PRIORITY = (NUMERICAL, USAGE, PREEMPTED)
+PRIORITY = (NUMERICAL, USAGE, INTERRUPTED, PREEMPTED)
 """Codes that explain a whole-job stop, strongest first: a survivor that exits 1 because its peer
-stopped first must not mask the peer's cause."""
+stopped first must not mask the peer's cause, and a process that stopped for a peer's Ctrl-C (75)
+must not turn the user's interrupt into a restart."""
 
 DONE, STOP, RESUME, RETRY = "done", "stop", "resume", "retry"
 """`action`s: finished; do not restart; restart at once (not a failure); restart after a
@@ -68,7 +78,7 @@ def action(code: int) -> str:
     code = normalize(code)
     if code == SUCCESS:
         return DONE
-    if code in (USAGE, NUMERICAL):
+    if code in (USAGE, NUMERICAL, INTERRUPTED):
         return STOP
     if code == PREEMPTED:
         return RESUME

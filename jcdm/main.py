@@ -1,13 +1,15 @@
 """Command line: `jcdm --gin gin/joint.gin --workdir DIR [--gin_bindings B ...] [--gin.K=V ...]`.
 
 Every failure maps to an exit code of `jcdm.exit_codes`, the contract with the launchers: a
-problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit)
-exits 2 and is not retried; any error once training has started exits 1 and is retried.
+problem found before the first step (command line, gin, data, mesh, checkpoints that do not fit,
+a workdir whose lease another run holds) exits 2 and is not retried; any error once training has
+started exits 1 and is retried; Ctrl-C or SIGHUP saves and exits 4, not retried.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -54,10 +56,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="restore a checkpoint and write samples (and FID) instead of training",
     )
+    p.add_argument(
+        "--take_over_lease",
+        action="store_true",
+        help="take the workdir over from the run that holds its lease (only once you have "
+        "checked that run is dead: its process or machine is gone)",
+    )
     p.add_argument("--log_level", default="INFO")
     short = [a for a in argv if a.startswith("--gin.")]
     rest = [a for a in argv if not a.startswith("--gin.")]
     args = p.parse_args(rest)
+    from jcdm.training import validate
+
+    try:  # before the workdir becomes absolute: "" would become the current directory
+        validate.check_command_line(
+            workdir=args.workdir, log_level=args.log_level, run_id=args.run_id
+        )
+    except validate.ConfigError as e:
+        p.error(str(e))
     if "://" not in args.workdir:  # Orbax/TensorStore need absolute local paths
         args.workdir = os.path.abspath(args.workdir)
     for a in short:
@@ -76,7 +92,7 @@ def configure_logging(level: str) -> None:
     fmt = f"%(asctime)s p{jax.process_index()} %(levelname).1s %(name)s] %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, datefmt="%H:%M:%S", force=True)
     # Gloo and absl chatter drowns the trainer's own lines.
-    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
+    for noisy in ("absl", "jax._src", "orbax", "etils", "grain", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -85,10 +101,17 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     import gin
 
     import jcdm.register  # noqa: F401  (imports every configurable so gin can see it)
+    from jcdm.runtime import io
 
     gin.add_config_file_search_path(GIN_DIR)
     gin.add_config_file_search_path(os.getcwd())
+    # A bucket run's own config.gin (the command it prints at its end) is read from the bucket.
+    gin.config.register_file_reader(_open_url, lambda f: f.startswith("gs://") and io.exists(f))
     for f in files:
+        if not io.is_local(f):
+            if io.exists(f):
+                continue
+            raise UsageError(f"gin file {f!r} not found")
         if not os.path.exists(f) and not os.path.exists(os.path.join(GIN_DIR, f)):
             raise UsageError(f"gin file {f!r} not found (configs live in {GIN_DIR})")
     quiet = _DropGinPathProbes()
@@ -106,16 +129,18 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         logging.getLogger().removeFilter(quiet)
 
 
-def _check_required_bindings() -> None:
-    """gin would only say so when `train` is called, as a RuntimeError (retryable) otherwise."""
-    import gin
+def _open_url(f: str):
+    from jcdm.runtime import io
 
-    missing = [p for p in ("num_steps", "global_batch_size") if p not in gin.get_bindings("train")]
-    if missing:
-        raise UsageError(
-            f"the gin configuration binds no {', '.join('train.' + p for p in missing)} "
-            "(gin/joint.gin sets both; add --gin.train.num_steps=N)"
-        )
+    return io.path(f).open("r")
+
+
+def _check_missing_bucket_client(args: argparse.Namespace) -> None:
+    from jcdm.runtime import io
+
+    for p in [args.workdir, *args.gin]:
+        if message := io.missing_bucket_client(p):
+            raise UsageError(message)
 
 
 class _DropGinPathProbes(logging.Filter):
@@ -136,9 +161,14 @@ def run(argv: list[str]) -> int:
     from jcdm.runtime import distributed
 
     try:
+        _check_missing_bucket_client(args)
         parse_gin(args.gin, args.gin_bindings)
-        if not args.only_inference:
-            _check_required_bindings()
+        from jcdm.training import validate
+
+        try:  # every binding's type and range, before anything is started or written
+            validate.check_bindings(training=not args.only_inference)
+        except validate.ConfigError as e:
+            raise UsageError(str(e)) from e
     except UsageError as e:
         print(f"jcdm: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
@@ -149,7 +179,7 @@ def run(argv: list[str]) -> int:
         return exit_codes.USAGE
     configure_logging(args.log_level)
 
-    from jcdm.runtime import compile_cache
+    from jcdm.runtime import compile_cache, lease
     from jcdm.training import train as train_lib
 
     try:
@@ -161,12 +191,23 @@ def run(argv: list[str]) -> int:
             with train_lib.startup_errors():  # nothing is trained: every input is configuration
                 inference.run(workdir=args.workdir)
         else:
-            train_lib.train(workdir=args.workdir, run_id=args.run_id)
+            with contextlib.ExitStack() as stack:
+                with train_lib.startup_errors():
+                    stack.enter_context(_workdir_lease(args))
+                train_lib.train(workdir=args.workdir, run_id=args.run_id)
+    except lease.LeaseHeld as e:
+        log.error("%s (exit %d)", e, exit_codes.USAGE)
+        distributed.shutdown()  # every process learns the refusal before process 0 leaves
+        return exit_codes.USAGE
     except train_lib.StartupError as e:
         log.error(
             "%s (found before the first step: exit %d, a restart cannot help)", e, exit_codes.USAGE
         )
         return exit_codes.USAGE
+    except train_lib.Interrupted as e:
+        log.warning("%s (exit %d, not restarted by the launchers)", e, exit_codes.INTERRUPTED)
+        distributed.shutdown()
+        return exit_codes.INTERRUPTED
     except train_lib.Preempted as e:
         log.warning("%s (exit %d)", e, exit_codes.PREEMPTED)
         distributed.shutdown()
@@ -174,6 +215,14 @@ def run(argv: list[str]) -> int:
     except train_lib.NumericalError as e:
         log.error("%s (exit %d)", e, exit_codes.NUMERICAL)
         return exit_codes.NUMERICAL
+    except ImportError as e:  # e.g. gcsfs for a gs:// path in a binding: a retry cannot fix it
+        log.error(
+            "%s (exit %d: a package is missing; install it, e.g. `pip install -e .` for jcdm's "
+            "dependencies, then rerun)",
+            e,
+            exit_codes.USAGE,
+        )
+        return exit_codes.USAGE
     except Exception as e:  # once training has started, everything is worth a retry
         log.exception(
             "%s: %s (exit %d, retried by the launchers)", type(e).__name__, e, exit_codes.FAILURE
@@ -182,6 +231,69 @@ def run(argv: list[str]) -> int:
     log.info("done")
     distributed.shutdown()
     return exit_codes.SUCCESS
+
+
+def _workdir_lease(args: argparse.Namespace):
+    """The workdir's lease for this job (process 0 takes it before anything is written; the
+    others learn the outcome), and the run id it records, created here on a new workdir."""
+    import uuid
+
+    import jax
+
+    from jcdm.runtime import io, lease
+    from jcdm.training import train as train_lib
+
+    kv = None
+    if jax.process_count() > 1:
+        from jax._src import distributed as _dist
+
+        kv = _dist.global_state.client
+    run_id, new_id = args.run_id, None
+    id_path = io.path(args.workdir) / "run_id"
+    if run_id is None and jax.process_index() == 0:
+        run_id = io.read_text(id_path).strip() if io.exists(id_path) else None
+        if run_id is None:
+            run_id = new_id = uuid.uuid4().hex[:12]
+
+    workdir = io.path(args.workdir)
+    fresh = jax.process_index() == 0 and not io.exists(workdir)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            with lease.hold(
+                args.workdir,
+                run_id=run_id,
+                take_over=args.take_over_lease,
+                process_index=jax.process_index(),
+                kv=kv,
+            ):
+                if new_id is not None:  # the run id the lease names is the one train() reads
+                    io.write_text(id_path, new_id)
+                yield
+        except train_lib.StartupError:
+            # A refused start leaves no trace: the workdir the lease created goes again (a
+            # workdir that existed before keeps its run id and lock file, as they were).
+            if fresh:
+                _remove_fresh_workdir(workdir)
+            raise
+
+    return held()
+
+
+def _remove_fresh_workdir(workdir) -> None:
+    """Remove what the lease and the run id put into a workdir this run created, and the
+    workdir itself if nothing else is in it."""
+    for name in ("run_id", "LEASE.lock"):
+        try:
+            (workdir / name).unlink()
+        except (FileNotFoundError, OSError):
+            pass
+    try:
+        if not any(workdir.iterdir()):
+            workdir.rmdir()
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Test-wide settings. They must be in the environment before JAX is imported, and they reach
 every trainer subprocess the tests start."""
 
+import itertools
 import os
 import sys
 
@@ -27,6 +28,29 @@ if REPO not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
 
 
+# The slow tier's most expensive files, most expensive first (CPU seconds with a cold compile
+# cache, tests/README.md "Suite timings"). Under pytest-xdist (tests/run.sh: two workers, one
+# file each at a time, in this order) a long file that started last would run alone at the end.
+HEAVY_FIRST = (
+    "test_soak.py",
+    "test_checkpoint.py",
+    "test_precision.py",
+    "test_multihost.py",
+    "test_train.py",
+    "test_stall.py",
+    "test_inference.py",
+    "test_compile_cache.py",
+    "test_integrity_trainer.py",
+    "test_bucket.py",
+    "test_workdir_owner.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def repo() -> str:
     return REPO
@@ -41,3 +65,47 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real fake-gcs-server (tests/gcs_server.py) for the whole session, started on first use.
+    Its environment is set in this process too (and gcsfs's cached instances dropped), so
+    in-process clients reach it as the trainer subprocesses do."""
+    from tests.gcs_server import GCSServer
+
+    server = GCSServer(tmp_path_factory.mktemp("gcs") / "objects")
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    _drop_cached_bucket_clients()
+    try:
+        yield server
+    finally:
+        server.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _drop_cached_bucket_clients()
+
+
+def _drop_cached_bucket_clients() -> None:
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+    """A new, empty bucket on the session's server: `gs://NAME`."""
+    import re
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    return gcs_server.create_bucket(f"{name}-{next(_bucket_numbers)}")

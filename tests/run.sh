@@ -39,11 +39,26 @@ if [[ $tier != slow ]]; then
   ruff check .
   ruff format --check .
 fi
+# Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a module
+# fixture's runs happen once). A 2-core machine is otherwise half idle: compiles, imports and
+# the fault tests' waits use one core. The slow tier keeps tests/conftest.py's order (its most
+# expensive files first) so that no long file starts last. JCDM_TEST_WORKERS=0: one process.
+workers=${JCDM_TEST_WORKERS:-2}
+par=() slow_par=()
+if ((workers > 0)); then
+  if ! python -c 'import xdist' 2>/dev/null; then
+    echo "tests/run.sh: pytest-xdist is not installed; run without --no-install (it is in the" \
+      "dev extra: pip install -e '.[dev,fid]'), or JCDM_TEST_WORKERS=0 for one process" >&2
+    exit 2
+  fi
+  par=(-n "$workers" --dist loadfile)
+  slow_par=("${par[@]}" --no-loadscope-reorder)
+fi
 if [[ $tier != slow ]]; then
   echo "== fast tier: pytest -m 'not slow'" >&2
-  python -m pytest -q -x -m "not slow" "${extra[@]}"
+  python -m pytest -q -x -m "not slow" "${par[@]}" "${extra[@]}"
 fi
 if [[ $tier != fast ]]; then
   echo "== slow tier: pytest -m slow" >&2
-  python -m pytest -q -m slow "${extra[@]}"
+  python -m pytest -q -m slow "${slow_par[@]}" "${extra[@]}"
 fi

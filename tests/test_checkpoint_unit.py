@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -320,7 +321,12 @@ def test_sigterm_is_recorded_not_fatal_and_jax_notifier_is_off():
         assert jax.config.jax_enable_preemption_service is False
         assert not watcher.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)  # handled in Python: this test keeps running
+        # Counted by the watcher's wakeup-pipe reader thread, so noticed a moment later.
+        deadline = time.monotonic() + 5
+        while not watcher.local_notice and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert watcher.local_notice and watcher.should_stop()
+        assert not watcher.interrupted  # a preemption notice, not the user's Ctrl-C
     finally:
         preemption.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

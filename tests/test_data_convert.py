@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import os
 import pickle
 import struct
 import tarfile
@@ -183,18 +185,125 @@ def test_image_folder_any_size_with_class_labels(tmp_path):
     assert images[2, 3, 3].tolist() == [60, 195, 7]
 
 
-def test_interrupted_conversion_never_looks_complete(tmp_path):
+def _digest(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_failed_reconversion_keeps_the_old_split_and_every_user_file(tmp_path, capsys):
     for i in range(70):
         _write_png(tmp_path / "in" / f"{i:02d}.png", (6, 6), i)
     convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=7)
-    assert len(ImageRecordSource(tmp_path / "out" / "train")) == 70
+    split = tmp_path / "out" / "train"
+    (split / "train-notes.array_record").write_text("mine")  # a user's file, named like a shard
+    (split / "README").write_text("mine too")
+    before = _digest(tmp_path / "out")
     (tmp_path / "in" / "69.png").write_bytes(b"not a png")  # the last shard fails to decode
     with pytest.raises(DataError, match=r"69\.png cannot be decoded"):
-        convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=7)
+        convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=3)
+    assert _digest(tmp_path / "out") == before  # byte-identical, no building folder left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
+    assert _cli()(["verify", str(split)]) == 0
+    assert "70 records of 4x4x3" in capsys.readouterr().out
+    # A successful re-conversion replaces the old shards and keeps the user's files.
+    (tmp_path / "in" / "69.png").unlink()
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=3)
+    assert sorted(p.name for p in split.iterdir()) == [
+        "README",
+        "metadata.json",
+        *(f"train-0000{i}-of-00003.array_record" for i in range(3)),
+        "train-notes.array_record",
+    ]
+    assert len(ImageRecordSource(split)) == 69
+    assert (split / "train-notes.array_record").read_text() == "mine"
+
+
+def test_a_file_the_converter_did_not_write_is_never_overwritten(tmp_path):
+    _write_png(tmp_path / "in" / "a.png", (6, 6), 1)
     split = tmp_path / "out" / "train"
-    assert list(split.glob("*.array_record"))  # earlier shards were written...
-    with pytest.raises(DataError, match="conversion was interrupted"):
-        ImageRecordSource(split)  # ...but without metadata.json nobody reads them
+    split.mkdir(parents=True)
+    (split / "train-00000-of-00001.array_record").write_text("user data")
+    with pytest.raises(DataError, match="which no earlier conversion listed"):
+        convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
+    assert (split / "train-00000-of-00001.array_record").read_text() == "user data"
+    (split / "train-00000-of-00001.array_record").unlink()
+    (split / "metadata.json").write_text("{not json")
+    with pytest.raises(DataError, match="not readable as a converted split's metadata"):
+        convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
+    assert (split / "metadata.json").read_text() == "{not json"
+    # A tampered metadata.json that lists a user's file cannot make the converter delete it.
+    (split / "metadata.json").unlink()
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
+    (split / "README").write_text("mine")
+    meta = json.loads((split / "metadata.json").read_text())
+    meta["shards"].append({"file": "README", "num_records": 0, "bytes": 4, "sha256": "0"})
+    (split / "metadata.json").write_text(json.dumps(meta))
+    convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=2)
+    assert (split / "README").read_text() == "mine"
+    assert len(ImageRecordSource(split)) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_converted_split_follows_the_umask(tmp_path, umask):
+    _write_png(tmp_path / "in" / "a.png", (6, 6), 1)
+    old = os.umask(umask)
+    try:
+        split = convert_image_folder(tmp_path / "in", tmp_path / "out", image_size=4, num_shards=1)
+    finally:
+        os.umask(old)
+    assert split.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in split.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def _save(path: Path, im: Image.Image, **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **kw)
+
+
+def test_every_pil_mode_converts_to_what_a_viewer_shows(tmp_path):
+    d = tmp_path / "in"
+    wide = np.full((4, 4), 32896, np.uint16)  # 16-bit mid-gray: 32896 * 255 / 65535 = 128
+    _save(d / "0_gray16.png", Image.fromarray(wide))
+    assert Image.open(d / "0_gray16.png").mode.startswith("I")
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    _save(d / "1_palette.png", pal)
+    _save(d / "2_rgba_clear.png", Image.new("RGBA", (4, 4), (9, 9, 9, 0)))  # onto white
+    _save(d / "3_la_half.png", Image.new("LA", (4, 4), (0, 128)))  # black, half opaque
+    _save(d / "4_cmyk.jpg", Image.new("CMYK", (4, 4), (0, 0, 0, 0)), quality=100)  # white
+    _save(d / "5_bilevel.png", Image.new("1", (4, 4), 1))
+    _save(d / "6_rgb.png", Image.new("RGB", (4, 4), (1, 2, 3)))
+    split = convert_image_folder(d, tmp_path / "out", image_size=2, num_shards=1)
+    images, _ = ImageRecordSource(split).read_batch(np.arange(7))
+    px = images[:, 0, 0].tolist()
+    assert px[0] == [128, 128, 128]
+    assert px[1] == [10, 200, 30]
+    assert px[2] == [255, 255, 255]
+    assert all(abs(v - 127) <= 1 for v in px[3])
+    assert all(v >= 254 for v in px[4])
+    assert px[5] == [255, 255, 255]
+    assert px[6] == [1, 2, 3]
+    gray = convert_image_folder(d, tmp_path / "gray", image_size=2, channels=1, num_shards=1)
+    assert ImageRecordSource(gray).read_batch(np.arange(1))[0][0, 0, 0, 0] == 128
+
+
+def test_float_images_and_huge_sizes_are_refused_with_the_fix(tmp_path, capsys):
+    _save(tmp_path / "f" / "x.tif", Image.fromarray(np.full((4, 4), 0.5, np.float32)))
+    with pytest.raises(DataError, match="pixel mode 'F'.*save it as 8-bit"):
+        convert_image_folder(tmp_path / "f", tmp_path / "out", image_size=2, num_shards=1)
+    _write_png(tmp_path / "in" / "a.png", (6, 6), 1)
+    main = _cli()
+    argv = ["folder", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--image-size", "100000"]) == 2
+    assert "image size 100000 is outside 1..1024" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "0"]) == 2
+    assert main([*argv, "--image-size", "4", "--shards", "-3"]) == 2
+    assert "number of shards must be an integer >= 1 (--shards), got -3" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "4", "--split", "../up"]) == 2
+    assert "split name '../up'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_digits_directory_matches_in_memory_digits(tmp_path):

@@ -168,7 +168,7 @@ def test_gin_configures_the_iterator():
 
 
 _ENTRY = """
-import json, sys
+import json, multiprocessing, os, signal, sys, time
 import numpy as np
 from jcdm.data import make_train_iterator
 
@@ -177,7 +177,23 @@ def main():
     it = make_train_iterator(dataset={data!r}, global_batch_size=12, seed=3, process_index=0,
                              process_count=1, worker_count=2, with_record_index=True)
     it.set_state(state)
-    batches = [next(it) for _ in range(5)]
+    batches = [next(it)]
+    # A Ctrl-C in a terminal reaches the workers too: they ignore it (the trainer decides).
+    workers = multiprocessing.active_children()
+    def ignoring(pid):  # SIGHUP (1) and SIGINT (2) in the ignored set, once the worker is up
+        with open(f"/proc/{{pid}}/status") as f:
+            mask = next(int(l.split()[1], 16) for l in f if l.startswith("SigIgn:"))
+        return mask & 0b11 == 0b11
+    t0 = time.time()
+    while not all(ignoring(w.pid) for w in workers) and time.time() - t0 < 120:
+        time.sleep(0.05)
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+        os.kill(w.pid, signal.SIGHUP)
+    time.sleep(1.0)
+    alive = [w.is_alive() for w in workers]
+    batches += [next(it) for _ in range(4)]
+    print(json.dumps(alive))
     np.savez(out, image=np.stack([b["image"] for b in batches]),
              index=np.stack([b["record_index"] for b in batches]))
     print(json.dumps(it.get_state()))
@@ -190,7 +206,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_worker_processes_under_python_m_give_the_same_stream(tmp_path):
-    """Spawned workers inside a `python -m package` program; state moves across worker counts."""
+    """Spawned workers inside a `python -m package` program; state moves across worker counts;
+    the workers ignore SIGINT/SIGHUP (a terminal's Ctrl-C reaches the whole process group)."""
     package = tmp_path / "entrypkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -209,7 +226,8 @@ def test_worker_processes_under_python_m_give_the_same_stream(tmp_path):
     np.testing.assert_array_equal(
         got["index"], np.stack([b["record_index"] for b in reference[2:7]])
     )
-    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    alive, state = map(json.loads, proc.stdout.strip().splitlines()[-2:])
+    assert alive == [True, True]  # both workers survived SIGINT and SIGHUP
     assert state["next_batch"] == 7
     back = _iterator(global_batch_size=12)
     back.set_state(state)  # and back to 0 workers

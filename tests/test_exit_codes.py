@@ -13,7 +13,7 @@ from jcdm import exit_codes as ec
 from jcdm.dev import launch_local
 from tests.trainer import QUIET, run_trainer
 
-CODES = [0, 1, 2, 3, 75, 134, 137, -9, -15]
+CODES = [0, 1, 2, 3, 4, 75, 129, 130, 134, 137, -9, -15]
 
 
 def test_combine_and_action():
@@ -24,6 +24,9 @@ def test_combine_and_action():
     assert ec.combine([75, 1]) == 75 and ec.action(75) == ec.RESUME
     assert ec.combine([2, 75]) == 2 and ec.action(2) == ec.STOP
     assert ec.action(1) == ec.action(134) == ec.action(143) == ec.RETRY
+    # Ctrl-C/SIGHUP: the user's decision, never retried, and not masked by a peer's 75 or 1.
+    assert ec.combine([75, 4]) == 4 and ec.combine([1, 4]) == 4 and ec.action(4) == ec.STOP
+    assert ec.combine([4, 2]) == 2
 
 
 def test_the_script_the_bash_launchers_run_agrees_with_python(repo):

@@ -2,7 +2,9 @@
 
 Random-init Inception weights (written with the converter's .npz writer) keep this independent of
 torch; what is tested is the tool's plumbing: reading, batching with a padded last batch, the
-stats file and its metadata, and the FID of a set against its own statistics.
+stats file and its metadata, and the FID of a set against its own statistics. The reference
+statistics go to a bucket (`--out gs://...`, read back with `--ref gs://...`) on the tests' real
+GCS API server (`gcs_server` in conftest.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _load_tool():
 
 
 @pytest.mark.slow
-def test_dataset_and_npz_give_identical_stats(tmp_path, capsys):
+def test_dataset_and_npz_give_identical_stats(tmp_path, capsys, bucket):
     from jcdm.data import write_image_records
 
     tool = _load_tool()
@@ -48,17 +50,18 @@ def test_dataset_and_npz_give_identical_stats(tmp_path, capsys):
     np.savez(tmp_path / "samples.npz", images=images)
     common = ["--batch_size", "2", "--inception_weights", str(weights)]
 
-    rc = tool.main([str(tmp_path / "data"), "--out", str(tmp_path / "ref.npz"), *common])
+    ref = f"{bucket}/stats/ref.npz"
+    rc = tool.main([str(tmp_path / "data"), "--out", ref, *common])
     assert rc == 0
-    mu_ref, sigma_ref = load_stats(tmp_path / "ref.npz")
-    meta = load_stats_metadata(tmp_path / "ref.npz")
+    mu_ref, sigma_ref = load_stats(ref)
+    meta = load_stats_metadata(ref)
     assert meta["count"] == 3 and "train" in meta["source"]
     assert len(meta["inception_weights_sha256"]) == 64
     assert mu_ref.shape == (2048,) and sigma_ref.shape == (2048, 2048)
 
     out = tmp_path / "samples_stats.npz"
     args = ["--npz", str(tmp_path / "samples.npz"), "--out", str(out), "--ref"]
-    rc = tool.main([*args, str(tmp_path / "ref.npz"), *common])
+    rc = tool.main([*args, ref, *common])
     assert rc == 0
     mu, sigma = load_stats(out)
     np.testing.assert_allclose(mu, mu_ref, rtol=1e-6, atol=1e-9)

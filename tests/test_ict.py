@@ -31,6 +31,16 @@ def test_curriculum_doubles_every_50k_steps():
     assert [int(traced(k)) for k in (0, 50_000, 349_999, 350_000)] == [11, 21, 641, 1281]
 
 
+def test_curriculum_is_exact_without_int32_overflow():
+    # A run of 10**12 steps has K' > int32; a late step of a short run doubles past 2^31.
+    steps = jnp.array([0, 1, 7, 8, 49_999, 50_000, 399_999, 10**6, 2**31 - 1], jnp.int32)
+    for total_steps in (8, 400_000, 10**12):
+        traced = jax.jit(jax.vmap(lambda k, n=total_steps: ict.num_scales(k, n)))(steps)
+        exact = [ict.num_scales(int(k), total_steps) for k in steps]
+        assert traced.tolist() == exact
+        assert exact[-1] == (11 if total_steps == 10**12 else 1281)
+
+
 @pytest.mark.parametrize("n", [11, 81, 1281])
 def test_index_probs_match_erf_formula(n):
     p = np.asarray(ict.index_probs(n), np.float64)

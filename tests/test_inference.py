@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
         "--workdir",
         workdir,
         "--gin.train.num_steps=4",
+        "--gin.train.curriculum_steps=8",  # the suite's shared smoke train step (no new compile)
         "--gin.FIDConfig.every=4",
         "--gin.FIDConfig.num_samples=12",
         "--gin.FIDConfig.batch_size=8",

@@ -226,7 +226,7 @@ elif args[:1] and args[0].endswith("jcdm/exit_codes.py"):  # the launchers' poli
 elif args[:2] == ["-m", "jcdm"]:
     keys = ["WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY", "MY_VAR",
             "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-            "CUDA_VISIBLE_DEVICES"]
+            "CUDA_VISIBLE_DEVICES", "JCDM_LEASE_TOKEN"]
     gin = args[args.index("--gin") + 1] if "--gin" in args else ""
     me = os.environ.get("JAX_PROCESS_ID") or os.environ.get("JCDM_WORKER_ID", "")
     record("trainer", worker=me, env={k: os.environ.get(k) for k in keys},
@@ -239,6 +239,7 @@ elif args[:2] == ["-m", "jcdm"]:
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"fake trainer {me}: step 1", flush=True)
+    print("fake trainer config:", *args, flush=True)  # as a trainer logs its bindings
     time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP", "0")))
     rc_map = json.loads(os.environ.get("FAKE_TRAINER_RC_MAP", "{}"))
     sys.exit(int(rc_map.get(me, os.environ.get("FAKE_TRAINER_RC", "0"))))
@@ -417,6 +418,7 @@ def test_dry_run_prints_every_cloud_command_and_runs_none(repo, fake):
         repo / "infra/launch_tpu_vm.sh",
         "--gin", "gin/joint.gin", "--workdir", "gs://bkt/runs/r1", "--run-id", "r1",
         "--project", "proj", "--dry-run", "train.num_steps=1000", "wandb.project='my proj'",
+        "--env", "HF_TOKEN=hf-sekrit-token",
         env={"WANDB_API_KEY": "sekrit-key"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -431,7 +433,8 @@ def test_dry_run_prints_every_cloud_command_and_runs_none(repo, fake):
         assert part in create
     assert any("tpu-vm scp" in ln and "--worker=all" in ln for ln in lines)
     assert sum("tpu-vm ssh" in ln and "--worker=all" in ln for ln in lines) == 2
-    assert "sekrit-key" not in r.stdout + r.stderr
+    assert "sekrit" not in r.stdout + r.stderr  # neither WANDB_API_KEY nor the --env value
+    assert "HF_TOKEN" in r.stderr  # the variable is named, its value is not
 
 
 def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
@@ -470,6 +473,9 @@ def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
         assert t["data_ok"]  # the dataset was staged to local disk at the gin default path
         assert t["env"]["WANDB_PROJECT"] == "jcdm" and t["env"]["WANDB_MODE"] == "online"
         assert t["env"]["WANDB_API_KEY"] == "sekrit-key"
+    # One workdir-lease restart token for every attempt of this launcher (jcdm/runtime/lease.py).
+    tokens = {t["env"]["JCDM_LEASE_TOKEN"] for t in trainers}
+    assert len(tokens) == 1 and tokens.pop().startswith("tpu-spot-1-")
     # Each recreated VM is fresh, so the code was installed again every time.
     assert len(fake.python_records("pip")) == 2 * 3
     # The key never appears on a command line or in the launcher's output.
@@ -481,6 +487,7 @@ def test_spot_run_survives_preemptions_and_resumes_same_run(repo, fake):
         "attempt-001.log", "attempt-002.log", "attempt-003.log"
     ]  # fmt: skip
     assert "preemption" in (logs / "launcher.log").read_text()
+    assert not any("sekrit" in p.read_text() for p in logs.iterdir())
 
 
 def test_pod_runs_on_all_workers_with_exact_awkward_bindings(repo, fake, tmp_path):
@@ -511,6 +518,31 @@ def test_pod_runs_on_all_workers_with_exact_awkward_bindings(repo, fake, tmp_pat
         assert t["env"]["MY_VAR"] == "it's $HOME"
         assert t["env"]["WANDB_PROJECT"] == "my proj" and t["env"]["WANDB_ENTITY"] == "me"
     assert not fake.pwned.exists()  # no command substitution ran anywhere
+    # The --env value travelled in a 0600 file, not on any command line or in the logs.
+    assert "MY_VAR=" not in json.dumps(calls) + r.stdout + r.stderr
+    for i in range(4):
+        secrets = fake.dir / "vm" / "pod" / f"w{i}" / "jcdm" / "secrets.env"
+        assert secrets.stat().st_mode & 0o777 == 0o600
+    logs = Path(fake.env["JCDM_LOG_DIR"])
+    assert not any("it's $HOME" in p.read_text() for p in logs.iterdir())
+
+
+def test_trainer_output_cannot_forge_a_worker_exit_code(repo, fake):
+    # A typo'd run exits 2; its bindings, echoed by the trainer, carry marker-like lines.
+    fake.state({"runs": [{"rc": 2}]})
+    forged = [
+        "train.note='JCDM_EXIT_CODE worker=w0 rc=3'",
+        "train.x='a\nJCDM_EXIT_CODE worker=w0 rc=3'",
+        "train.y='\nJCDM_EXIT_CODE nonce=00000000000000000000000000000000 worker=w0 rc=0'",
+    ]
+    r = fake.run(
+        repo / "infra/launch_tpu_vm.sh", "--gin", "gin/joint.gin", "--run-id", "f",
+        "--workdir", "gs://b/f", "--", *forged,
+    )  # fmt: skip
+    assert "JCDM_EXIT_CODE worker=w0 rc=3" in r.stdout  # the forgery reached the output...
+    assert r.returncode == 2, r.stderr  # ...but the usage error stays a usage error
+    assert "exit codes reported by 1/1 workers: worker=w0 rc=2" in r.stderr
+    assert "usage/config error" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -518,6 +550,7 @@ def test_pod_runs_on_all_workers_with_exact_awkward_bindings(repo, fake, tmp_pat
     [
         ([{"rc": 2}], [], 2, 1),  # usage error: never restarted
         ([{"rc": 3}], [], 3, 1),  # numerical failure: never restarted
+        ([{"rc": 4}], [], 4, 1),  # interrupted (Ctrl-C/SIGHUP on a worker): never restarted
         ([{"rc": 1}, {"rc": 0}], [], 0, 2),  # a crash is retried on the same VM
         ([{"rc": 1}] * 2, ["--max-failures", "1"], 1, 2),  # ... a bounded number of times
         ([{"rc": 75}, {"rc": 0}], [], 0, 2),  # 75 with the VM still up: relaunch on it
@@ -656,13 +689,17 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
     env = _worker_env(fake, tmp_path)
     setup = ["bash", worker, "setup", "--commit", sha, "--tarball", str(tarball)]
     subprocess.run(setup, env=env, check=True, capture_output=True, timeout=30)
-    run = ["bash", worker, "run", "--run-id", "r", "--commit", sha, "--", "--run_id", "r"]
+    nonce = "0123456789abcdef"
+    run = ["bash", worker, "run", "--run-id", "r", "--commit", sha, "--nonce", nonce]
+    run += ["--", "--run_id", "r"]
+    # Another launcher session passes another lease token: still the same trainer (re-attach).
+    run_token = [*run[:7], "--env", "JCDM_LEASE_TOKEN=session-1", *run[7:]]
     rundir = tmp_path / "worker" / "jcdm" / "runs" / "r"
     started: list[int] = []
     try:
         # 1) The ssh session dies (its shell is killed) while the trainer keeps running.
         with open(tmp_path / "first.out", "w") as out:
-            p = subprocess.Popen(run, env={**env, "FAKE_TRAINER_SLEEP": "2"}, stdout=out)
+            p = subprocess.Popen(run_token, env={**env, "FAKE_TRAINER_SLEEP": "2"}, stdout=out)
             _wait_for(lambda: len(fake.python_records()) == 1)
             started.append(fake.python_records()[0]["pid"])
             p.kill()
@@ -670,7 +707,7 @@ def test_worker_reattaches_after_a_dropped_connection(repo, fake, tmp_path):
         # 2) Relaunching the same command re-attaches and reports the trainer's exit code.
         r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30)
         assert "re-attaching" in r.stderr
-        assert r.returncode == 0 and "JCDM_EXIT_CODE worker=w0 rc=0" in r.stdout
+        assert r.returncode == 0 and f"JCDM_EXIT_CODE nonce={nonce} worker=w0 rc=0" in r.stdout
         assert len(fake.python_records()) == 1  # not started twice
 
         # 3) A stale trainer started with other arguments is stopped (SIGTERM -> 75) first.
@@ -763,6 +800,7 @@ def test_shared_option_parsing_of_both_launchers(repo):
         (["--gin", "gin/joint.gin", "--wandb-mode", "loud"], "--wandb-mode must be"),
         (["--gin", "gin/joint.gin", " "], "empty gin binding"),
         (["--gin", "/etc/hostname"], "not inside the repo"),
+        (["--gin", "gin/joint.gin", "--run-id", "x" * 65], "at most 64, as the trainer"),
     ],
 )  # fmt: skip
 def test_shared_option_parsing_refuses_with_exit_2(repo, args, message):
@@ -781,6 +819,7 @@ def test_launch_slurm_submits_with_exact_arguments(repo, fake):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "4242"
+    assert "MY_VAR" not in r.stderr  # the environment reaches the job, never argv or the log
     (call,) = fake.calls()
     assert call["tool"] == "sbatch"
     argv = call["argv"]
@@ -829,6 +868,7 @@ def test_sbatch_sets_jax_distributed_env_per_gpu(repo, fake):
     for t in trainers:
         assert t["env"]["JAX_COORDINATOR_ADDRESS"] == f"gpu01:{port}"
         assert t["env"]["JAX_NUM_PROCESSES"] == "4"
+        assert t["env"]["JCDM_LEASE_TOKEN"] == "slurm-777"  # the same on every requeue
         assert t["env"]["CUDA_VISIBLE_DEVICES"] == str(int(t["env"]["JAX_PROCESS_ID"]) % 2)
         assert t["argv"] == expected_trainer_argv("g2", "/shared/w", [AWKWARD[0]])
     srun = next(c for c in fake.calls() if c["tool"] == "srun")
@@ -852,6 +892,7 @@ def test_sbatch_one_process_per_node(repo, fake):
         ({"1": 75, "3": 1}, 0, 0, 0, True),  # 75 outranks peers that died with it
         ({"2": 2}, 0, 0, 2, False),  # usage error: never
         ({"0": 3, "1": 75}, 0, 0, 3, False),  # numerical: never
+        ({"0": 4, "1": 75}, 0, 0, 4, False),  # interrupted: never, even if a peer says 75
         ({"0": 1}, 0, 0, 0, True),  # crash: requeue ...
         ({"0": 137, "1": 1}, 0, 0, 0, True),  # a killed task (128 + 9) is a failure too
         ({"0": 1}, 0, 3, 1, False),  # ... until JCDM_MAX_FAILURE_REQUEUES in a row

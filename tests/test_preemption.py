@@ -118,3 +118,37 @@ def test_a_notice_at_the_end_lets_every_process_finish():
     for seed in range(6):
         outcome, _ = simulate(n=3, notice_by=seed % 3, notice_at=19, num_steps=20, seed=seed)
         assert len(set(outcome)) == 1, (seed, outcome)
+
+
+def test_watcher_tells_an_interrupt_from_a_preemption_and_gives_the_signals_back():
+    """Real signals to this process: SIGTERM is a preemption (75), SIGINT/SIGHUP an interrupt
+    (4) that outranks it; the handler raises nothing (no KeyboardInterrupt) and `restore` puts
+    the previous handlers and wakeup fd back. (A second SIGINT exits the process at once:
+    tests/test_workdir_owner.py checks that on a real trainer.)"""
+    import os
+    import signal as sig
+    import time
+
+    from jcdm.runtime import preemption
+
+    before = {s: sig.getsignal(s) for s in preemption.STOP_SIGNALS}
+
+    def wait_notice(w):
+        t0 = time.monotonic()
+        while not w.local_notice and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        return w.local_notice
+
+    w = preemption.PreemptionWatcher()
+    try:
+        os.kill(os.getpid(), sig.SIGTERM)
+        assert wait_notice(w) and not w.interrupted and w.should_stop()
+        os.kill(os.getpid(), sig.SIGHUP)
+        t0 = time.monotonic()
+        while not w.interrupted and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert w.interrupted and w.first_signal == sig.SIGHUP
+    finally:
+        w.restore()
+    assert {s: sig.getsignal(s) for s in preemption.STOP_SIGNALS} == before
+    assert sig.set_wakeup_fd(-1) == -1  # nothing left behind

@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of DATA_DIR or --npz")
     if args.batch_size < 1:
         parser.error("--batch_size must be positive")
+    from jcdm.runtime import io
+
+    for url in (args.out, args.ref):
+        if url is not None and (message := io.missing_bucket_client(url)):
+            parser.error(message)  # exit 2
 
     import jax
     from jax.sharding import Mesh

@@ -11,6 +11,13 @@ ema_params_sha256 and metrics.
 "['backbone']['Conv_0']['bias']"), each contributing its key path, dtype, shape and then its
 values' bytes (C order, little-endian). Two runs that end with bitwise-identical parameters print
 the same hash, whatever mesh or process count wrote them. Reads on the host CPU.
+
+Each checkpoint is verified against the hashes saved with it (`jcdm.runtime.integrity`) before it
+is described. Without `--step`, a damaged newest checkpoint is reported on stderr and the newest
+intact one described (as training and `--only_inference` would restore); the tool moves nothing
+(it may run beside a live trainer). A damaged `--step N`, or no intact checkpoint at all, is an
+error (exit 1). `--json` adds `verified` (false for checkpoints saved before hashes existed) and
+`damaged` ({step: why}).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from etils import epath  # noqa: E402
 
+from jcdm.runtime import integrity, quiet_loops  # noqa: E402
+
 
 def checkpoint_dir(workdir: str) -> epath.Path:
     if "://" not in workdir:  # Orbax reads local checkpoints by absolute path only
@@ -44,11 +53,36 @@ def list_steps(workdir: str) -> list[int]:
 
 
 def load_tree(path: epath.Path) -> dict:
-    """The saved TrainState as nested dicts of numpy arrays (no device, no mesh needed)."""
+    """The saved TrainState as nested dicts of numpy arrays (no device, no mesh needed).
+    Raises ValueError if the checkpoint's metadata cannot be read."""
     ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(path).item_metadata.tree
+    metadata = ckptr.metadata(path)
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+    if tree is None:
+        raise ValueError(f"the array metadata in {path} is unreadable")
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def check(base: epath.Path) -> tuple[dict, bool]:
+    """(the state, whether a manifest verified it) of one step directory; raises ValueError
+    naming what is wrong if it cannot be read or differs from its manifest."""
+    try:
+        state = load_tree(base / "state")
+        found = integrity.read_manifest(base)
+        items = {n: json.loads((base / n / "metadata").read_text()) for n in ("data", "meta")}
+    except Exception as e:
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ValueError(f"unreadable ({type(e).__name__}: {first})") from e
+    if found is None:
+        return state, False
+    problems = integrity.compare(
+        found, integrity.leaf_specs(state), integrity.local_sums(state), items
+    )
+    if problems:
+        why = "; ".join(problems[:3])
+        raise ValueError(f"its values differ from the hashes saved with it: {why}")
+    return state, True
 
 
 def params_digest(params) -> tuple[int, str]:
@@ -70,15 +104,26 @@ def describe(workdir: str, step: int | None = None) -> dict:
     steps = list_steps(workdir)
     if not steps:
         raise SystemExit(f"inspect_checkpoint: {workdir!r} holds no complete checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise SystemExit(f"inspect_checkpoint: no checkpoint at step {step}; have {steps}")
-    base = checkpoint_dir(workdir) / str(step)
-    state = load_tree(base / "state")
+    damaged: dict[str, str] = {}
+    for candidate in [step] if step is not None else reversed(steps):
+        base = checkpoint_dir(workdir) / str(candidate)
+        try:
+            state, verified = check(base)
+        except ValueError as e:
+            damaged[str(candidate)] = str(e)  # str keys: the same after a JSON round trip
+            print(f"inspect_checkpoint: checkpoint {candidate} is damaged: {e}", file=sys.stderr)
+            continue
+        break
+    else:
+        raise SystemExit(
+            f"inspect_checkpoint: no intact checkpoint among {[step] if step else steps} in "
+            f"{workdir!r} (see above)"
+        )
     num_params, digest = params_digest(state["params"])
     _, ema_digest = params_digest(state["ema_params"])
-    meta_path = base / "meta" / "metadata"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = json.loads((base / "meta" / "metadata").read_text())
     return {
         "step": int(np.asarray(state["step"])),
         "steps": steps,
@@ -86,6 +131,8 @@ def describe(workdir: str, step: int | None = None) -> dict:
         "params_sha256": digest,
         "ema_params_sha256": ema_digest,
         "metrics": meta.get("metrics", {}),
+        "verified": verified,
+        "damaged": damaged,
     }
 
 
@@ -95,10 +142,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", type=int, default=None, help="default: the latest")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from jcdm.runtime import io
+
+    if message := io.missing_bucket_client(args.workdir):
+        print(f"inspect_checkpoint: {message}", file=sys.stderr)
+        raise SystemExit(2)
     from absl import logging as absl_logging
 
     # Orbax warns about metadata files that only newer writers create; not the user's concern.
     absl_logging.set_verbosity(absl_logging.ERROR)
+    quiet_loops.install()  # no 'Event loop is closed' tracebacks after a failed read
     info = describe(args.workdir, args.step)
     if args.json:
         json.dump(info, sys.stdout)
@@ -106,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"checkpoints: {info['steps']}")
     print(f"step {info['step']}: {info['num_params']:,} parameters")
+    print(f"  verified          {'yes' if info['verified'] else 'no (saved without hashes)'}")
     print(f"  params sha256     {info['params_sha256']}")
     print(f"  ema params sha256 {info['ema_params_sha256']}")
     for k, v in sorted(info["metrics"].items()):

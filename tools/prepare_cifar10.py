@@ -13,8 +13,11 @@ Examples::
     python tools/prepare_cifar10.py verify data/cifar10/train
 
 Train with `make_train_iterator.dataset = "data/cifar10/train"`. Re-running a conversion is safe:
-an up-to-date split is kept, and an interrupted run leaves no metadata.json, so readers reject
-the split instead of training on part of it.
+an up-to-date split is kept; a new one is built and verified in a hidden sibling folder and only
+then replaces the old one, so a failed run (a corrupt image, a full disk) leaves the old split
+passing `verify`. Files in the output folder that the converter did not write are never touched.
+Images of any PIL mode are converted as a viewer shows them (16-bit grayscale scaled to 8 bits,
+transparency over white) or refused (float images); --image-size is at most 1024.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     folder = sub.add_parser("folder", help="convert a folder of images of any size")
     folder.add_argument("--input", required=True, type=Path, help="folder searched recursively")
     folder.add_argument("--out", required=True, type=io.local_path_arg, help="output root")
-    folder.add_argument("--image-size", required=True, type=int, help="square output size")
+    folder.add_argument(
+        "--image-size", required=True, type=int, help="square output size (1..1024)"
+    )
     folder.add_argument("--channels", type=int, choices=(1, 3), default=3)
     folder.add_argument("--shards", type=int, default=8)
     folder.add_argument("--split", default="train", help="split name (default train)")
@@ -60,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     digits = sub.add_parser("digits", help="write scikit-learn's digits (the offline demo)")
     digits.add_argument("--out", required=True, type=io.local_path_arg, help="output root")
-    digits.add_argument("--image-size", type=int, default=16)
+    digits.add_argument("--image-size", type=int, default=16, help="1..1024 (default 16)")
     digits.add_argument("--shards", type=int, default=2)
 
     for p in (cifar, folder, digits):

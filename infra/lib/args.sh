@@ -99,8 +99,8 @@ check_gin() {
 # check_run_id PREFIX: default PREFIX-UTCDATE-TIME; the id names the W&B run and the log folders.
 check_run_id() {
   [[ $RUN_ID ]] || RUN_ID=$1-$(date -u +%Y%m%d-%H%M%S)
-  [[ $RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] ||
-    usage_error "bad --run-id '$RUN_ID' (letters, digits, . _ -; at most 128)"
+  [[ $RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] ||
+    usage_error "bad --run-id '$RUN_ID' (letters, digits, . _ -; at most 64, as the trainer)"
 }
 
 check_env() {

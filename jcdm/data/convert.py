@@ -2,8 +2,8 @@
 
 Each converter writes `<out>/<split>/` via `write_image_records` and is safe to re-run: when the
 split's metadata already describes the same input and settings and its shards verify, it is kept
-as is; otherwise it is rewritten, with the old metadata removed first so an interrupted run never
-leaves a directory that looks complete.
+as is; otherwise a new split is built and verified beside it and only then replaces it, so a
+failed run leaves the old split readable, and no file the converter did not write is touched.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ CIFAR_TEST_MEMBERS = ("test_batch",)
 CIFAR_META_MEMBER = "batches.meta"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _FOLDER_CHUNK = 64  # images decoded at a time: bounds memory for large folders
+# Largest square side the converters write: a 1024x1024 RGB record is 3 MiB and a chunk of 64 of
+# them 192 MiB; a larger size is a typo far more often than a dataset (docs/operations.md).
+MAX_IMAGE_SIZE = 1024
 
 # The CIFAR-10 batches are Python 2 pickles of dicts holding a numpy array. Only the globals
 # needed to rebuild such arrays are allowed, so a tampered archive cannot run code.
@@ -207,12 +210,59 @@ def _load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            im = _to_8bit(ImageOps.exif_transpose(im), path)
             im = im.convert("RGB" if channels == 3 else "L")
             # Centre-crop to a square, then resize: no distortion of the aspect ratio.
             im = ImageOps.fit(im, (image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(im, np.uint8).reshape(image_size, image_size, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path} cannot be decoded ({e}); delete or replace it") from e
+
+
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (Pillow's "I" for PNG)
+
+
+def _to_8bit(im, path: Path):
+    """`im` as an 8-bit "L" or "RGB" image with its look kept; every other case is refused.
+
+    16-bit grayscale is scaled from 0..65535 to 0..255 (PIL's own conversion clips, turning it
+    white); transparency is composited onto white, as a viewer shows it; palette, 1-bit, CMYK
+    and YCbCr images convert through PIL. Float and wider integer images are refused: their
+    range is unknown, so any scaling would be a guess.
+    """
+    from PIL import Image
+
+    if im.mode in _WIDE_GRAY:
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(
+                f"image {path} is {im.mode} with values in [{a.min()}, {a.max()}], not 16-bit "
+                "grayscale; convert it to an 8-bit or 16-bit image first"
+            )
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode in ("1", "CMYK", "YCbCr"):
+        return im.convert("RGB" if im.mode != "1" else "L")
+    if im.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    raise DataError(
+        f"image {path} has pixel mode {im.mode!r}, which the converter does not scale "
+        "(float or wide integer data has no known range); save it as 8-bit or 16-bit "
+        "grayscale, RGB or RGBA"
+    )
+
+
+def _check_image_size(image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise DataError(f"image size must be an integer, got {image_size!r}")
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise DataError(
+            f"image size {image_size} is outside 1..{MAX_IMAGE_SIZE} (--image-size, the side of "
+            "the square images written); e.g. --image-size 32"
+        )
 
 
 def convert_image_folder(
@@ -237,10 +287,9 @@ def convert_image_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist or is not a directory")
-    if channels not in (1, 3) or image_size <= 0:
-        raise DataError(
-            f"need channels 1 or 3 and a positive image size, got {channels}, {image_size}"
-        )
+    if channels not in (1, 3):
+        raise DataError(f"need channels 1 or 3, got {channels}")
+    _check_image_size(image_size)
     files, labels, classes = _list_images(folder)
     listing = hashlib.sha256()
     for path in files:
@@ -288,6 +337,7 @@ def convert_digits(
     """Writes the demo dataset (scikit-learn's 1,797 digits, `image_size`) to `<out_dir>/train`."""
     import sklearn
 
+    _check_image_size(image_size)
     images, labels = load_digits_images(image_size)
     source = {
         "kind": "digits",

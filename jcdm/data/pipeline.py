@@ -20,6 +20,7 @@ settings that define the stream, so it resumes exactly and with any worker count
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -27,11 +28,14 @@ import gin
 import grain
 import numpy as np
 
+from jcdm.data.fingerprint import identify
 from jcdm.data.sources import mix64, open_source
 from jcdm.data.spec import DataError
 
 SHUFFLE_MODES = ("global", "buffer")
 STATE_VERSION = 1
+# Settings that describe, but do not define, the stream: never compared on restore.
+_NOT_COMPARED = ("process_index", "process_count", "dataset")
 _FLIP_TAG = 0xF11B
 _SHUFFLE_TAG = 0x5F1E
 
@@ -161,6 +165,14 @@ class LocalBatches:
         return batch
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Run in each worker process: a Ctrl-C in a terminal (or a closed terminal's SIGHUP) reaches
+    the whole process group, and the trainer, not its data workers, decides how to stop (it still
+    needs batches to reach the step it saves at); Grain ends the workers when the trainer exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _ensure_absl_flags_parsed() -> None:
     """Grain reads absl flags when it starts worker processes; unparsed flags make it raise.
 
@@ -215,7 +227,7 @@ class TrainIterator(grain.DatasetIterator):
                     num_workers=self._worker_count,
                     per_worker_buffer_size=self._worker_buffer_size,
                 )
-                ds = ds.mp_prefetch(options)
+                ds = ds.mp_prefetch(options, worker_init_fn=_ignore_interrupts)
             self._inner = iter(ds)
         return self._inner
 
@@ -247,10 +259,14 @@ class TrainIterator(grain.DatasetIterator):
                 f"data iterator state {state!r} was not written by this pipeline (expected "
                 f"version {STATE_VERSION} with 'next_batch')"
             )
+        self._check_same_dataset(state)
         changed = {
             k: (state.get(k), v)
             for k, v in self._settings.items()
-            if k not in ("process_index", "process_count") and state.get(k) != v
+            if k not in _NOT_COMPARED
+            # States saved before datasets had fingerprints cannot be checked for it.
+            and not (k == "dataset_fingerprint" and k not in state)
+            and state.get(k) != v
         }
         if changed:
             details = ", ".join(
@@ -263,6 +279,19 @@ class TrainIterator(grain.DatasetIterator):
             )
         self._stop_reading()
         self._next_batch = int(state["next_batch"])
+
+    def _check_same_dataset(self, state: dict[str, Any]) -> None:
+        saved = state.get("dataset_fingerprint")
+        if saved is None or saved == self._settings["dataset_fingerprint"]:
+            return
+        raise DataError(
+            "this run reads another dataset than the checkpoint was trained on: the checkpoint "
+            f"read {state.get('dataset', '(not recorded)')} (fingerprint {saved}); this run "
+            f"reads {self._settings['dataset']} (fingerprint "
+            f"{self._settings['dataset_fingerprint']}). Resume with the checkpoint's dataset "
+            "(make_train_iterator.dataset / DATA_DIR in <workdir>/config.gin), or start a new "
+            "run in a fresh workdir to train on this one."
+        )
 
     def start_prefetch(self) -> None:
         """Starts reading (and the worker processes) before the first `next`."""
@@ -355,7 +384,10 @@ def make_train_iterator(
         with_labels=with_labels,
         with_record_index=with_record_index,
     )
+    fingerprint, described = identify(dataset, source)
     settings = {
+        "dataset": described,
+        "dataset_fingerprint": fingerprint,
         "seed": seed,
         "global_batch_size": global_batch_size,
         "num_records": spec.num_records,

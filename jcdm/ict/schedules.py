@@ -60,7 +60,13 @@ def num_scales(step, total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1)
     if isinstance(step, (int, np.integer)):
         step = int(step)
         return min(s0 * 2 ** (step // period), s1) + 1
-    doublings = jnp.minimum(jnp.asarray(step) // period, 31)  # 2^31 overflows int32
+    step = jnp.asarray(step)
+    if period > jnp.iinfo(step.dtype).max:
+        # No step of this dtype reaches the first doubling; the division would not even fit.
+        doublings = jnp.zeros_like(step)
+    else:
+        # Past this many doublings s0 2^d >= s1 already; a larger d would overflow int32.
+        doublings = jnp.minimum(step // period, (s1 // s0).bit_length() + 1)
     return (jnp.minimum(s0 * 2 ** doublings.astype(jnp.int32), s1) + 1).astype(jnp.int32)
 
 

@@ -10,9 +10,12 @@ Guarantees (tests/test_checkpoint.py checks each with real processes and signals
 - A save whose write did not finish is never listed or restored: Orbax writes into a temporary
   directory and renames it (local disks) or writes a commit marker last (buckets) only after
   every process has finished.
-- If the latest checkpoint cannot be read, `restore_latest` says so, falls back to the one before
-  and moves the unreadable one aside (to `<checkpoints>_unreadable/`), so that the resumed run
-  can save that step again. All processes agree on the step they restore.
+- Every checkpoint carries a manifest of per-array hashes (`jcdm.runtime.integrity`), committed
+  with it; a restore recomputes them from the values it got.
+- If the latest checkpoint cannot be read or its values differ from its manifest,
+  `restore_latest` says so, falls back to the one before and moves the damaged one aside (to
+  `<checkpoints>_unreadable/`), so that the resumed run can save that step again. All processes
+  agree on the step they restore.
 - The training loop is blocked only while the save is handed over: the state is copied on the
   device (one jitted copy, dispatched asynchronously) and a background thread runs Orbax's save
   of the copy, whose own background thread then writes the files (`background=True`). With
@@ -37,12 +40,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
-from jcdm.runtime import io
+from jcdm.runtime import integrity, io, quiet_loops
 
 log = logging.getLogger(__name__)
 
 
-ITEMS = ("state", "data", "meta")
+ITEMS = ("state", "data", "meta", integrity.ITEM)
 UNREADABLE_SUFFIX = "_unreadable"  # <workdir>/checkpoints_unreadable/<step>-<time>
 
 
@@ -112,6 +115,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.Path, cfg: CheckpointConfig | None = None):
         _use_coordination_service_barriers()
+        quiet_loops.install()
         self.cfg = cfg or CheckpointConfig()
         self.directory = epath.Path(directory)
         keep: list = [cm.LatestN(self.cfg.keep)]
@@ -145,6 +149,8 @@ class Checkpointer:
         self._failed = False  # a save error was raised: close() must not raise it again
         self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
         self.last_blocked_s = 0.0  # how long the last `save` call kept the caller waiting
+        self.last_hash_s = 0.0  # how long the last save hashed the state (before writing it)
+        self.last_verify_s = 0.0  # how long the last restore verified the state
 
     # --- Listing -------------------------------------------------------------------------------
 
@@ -213,10 +219,19 @@ class Checkpointer:
         return True
 
     def _save_now(self, step: int, state, data_state: dict, metrics: dict[str, float]) -> None:
+        meta = {"step": int(step), "metrics": metrics}
+        # Hashed before Orbax is handed the state: the manifest is one of the checkpoint's items,
+        # so it is committed with the arrays or not at all.
+        t0 = time.perf_counter()
+        sums = integrity.gather_to_process_0(integrity.local_sums(state), tag=str(step))
+        items = {"data": data_state, "meta": meta}
+        hashes = {} if sums is None else integrity.manifest(state, sums, items)
+        self.last_hash_s = time.perf_counter() - t0
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave({"step": int(step), "metrics": metrics}),
+            meta=ocp.args.JsonSave(meta),
+            **{integrity.ITEM: ocp.args.JsonSave(hashes)},
         )
         self.manager.save(step, args=args, force=True, metrics=self._ranking_metrics(metrics))
 
@@ -324,8 +339,17 @@ class Checkpointer:
     # --- Restoring -----------------------------------------------------------------------------
 
     def restore(self, step: int, abstract_state, data_iterator=None) -> Any:
-        """Restore `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-        state, data = self._read(step, abstract_state, with_data=data_iterator is not None)
+        """Restore `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+        Raises CheckpointMismatch if it was written by another configuration and
+        CheckpointError if it cannot be read or fails verification (nothing is moved aside)."""
+        self._raise_if_mismatch(step, abstract_state)
+        state, data, why = self._read_verified(step, abstract_state, data_iterator is not None)
+        if not _on_every_process(why is None):
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} "
+                f"{why or 'is damaged on another process'}"
+            )
         if data_iterator is not None:
             data_iterator.set_state(data)
         return state
@@ -337,47 +361,58 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], (restored["data"] if with_data else None)
 
+    def _read_verified(self, step: int, abstract_state, with_data: bool):
+        """(state, data, None), or (None, None, why) if the step cannot be read or its values
+        differ from its manifest. Every process must call it (the hashes are summed over all)."""
+        try:
+            state, data = self._read(step, abstract_state, with_data=with_data)
+            why = None
+        except Exception as e:
+            state = data = None
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            why = f"is unreadable ({type(e).__name__}: {first})"
+        t0 = time.perf_counter()
+        step_dir = self.directory / str(step)
+        problems = integrity.verify_restored(step_dir, abstract_state, state, data)
+        if why is None and problems:
+            more = f", and {len(problems) - 3} more" if len(problems) > 3 else ""
+            why = (
+                "is damaged: its values differ from the hashes saved with it ("
+                + "; ".join(problems[:3])
+                + more
+                + ")"
+            )
+        self.last_verify_s = time.perf_counter() - t0
+        return (state, data, None) if why is None else (None, None, why)
+
     def restore_latest(self, abstract_state, data_iterator=None) -> tuple[Any, int | None]:
-        """Restore the newest readable checkpoint; fall back to older ones if it is damaged.
+        """Restore the newest intact checkpoint; fall back to older ones if it is damaged.
 
         Returns (state, step), or (None, None) when there is no checkpoint. Raises
-        CheckpointError when checkpoints exist but none can be read (e.g. a different model
-        configuration): the workdir is left as it is.
+        CheckpointMismatch (from metadata, before reading anything) for checkpoints of another
+        model configuration and CheckpointError when checkpoints exist but none can be read and
+        verified: the workdir is left as it is.
         """
         self.wait()
         steps = sorted(self.manager.all_steps())
-        unreadable: list[int] = []
+        damaged: list[int] = []
         for step in reversed(steps):
-            try:
-                mismatch = self._mismatch(step, abstract_state)
-            except Exception:  # no readable metadata: a damaged checkpoint, handled below
-                mismatch = None
-            if mismatch:
-                raise CheckpointMismatch(
-                    f"the checkpoint at step {step} in {self.directory} was written by another "
-                    f"configuration ({mismatch}); run with the configuration that wrote it "
-                    f"(<workdir>/config.gin) or start in a new workdir"
-                )
-            try:
-                state, data = self._read(step, abstract_state, with_data=data_iterator is not None)
-                ok = True
-            except Exception as e:  # a damaged checkpoint: say so and try the one before
+            self._raise_if_mismatch(step, abstract_state)
+            state, data, why = self._read_verified(step, abstract_state, data_iterator is not None)
+            if why is not None:
                 log.error(
-                    "checkpoint at step %d in %s is unreadable (%s: %s); falling back to the one "
-                    "before",
+                    "checkpoint at step %d in %s %s; falling back to the one before",
                     step,
                     self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "",
+                    why,
                 )
-                ok = False
-            if not _on_every_process(ok):
-                if ok:
-                    log.error("checkpoint at step %d is unreadable on another process", step)
-                unreadable.append(step)
+            if not _on_every_process(why is None):
+                if why is None:
+                    log.error("checkpoint at step %d is damaged on another process", step)
+                damaged.append(step)
                 continue
-            if unreadable:
-                self._set_aside(unreadable)
+            if damaged:
+                self._set_aside(damaged)
             if data_iterator is not None:
                 # Outside the fallback: a data stream that differs from the checkpoint's is a
                 # configuration error (DataError), not a damaged checkpoint.
@@ -391,43 +426,32 @@ class Checkpointer:
             )
         return None, None
 
-    def _mismatch(self, step: int, abstract_state) -> str | None:
-        """What differs between the state stored at `step` and `abstract_state` (parameter
-        names and shapes; dtypes are cast on restore), or None if they fit."""
-        meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
-        stored, wanted = _leaf_shapes(meta.tree), _leaf_shapes(abstract_state)
-        if stored == wanted:
-            return None
-        name = lambda path: ".".join(path)
-        problems = [f"{name(p)} missing" for p in sorted(set(wanted) - set(stored))]
-        problems += [f"{name(p)} not in this model" for p in sorted(set(stored) - set(wanted))]
-        problems += [
-            f"{name(p)} stored {stored[p]}, model {wanted[p]}"
-            for p in sorted(set(stored) & set(wanted))
-            if stored[p] != wanted[p]
-        ]
-        more = f", and {len(problems) - 3} more" if len(problems) > 3 else ""
-        return "; ".join(problems[:3]) + more
+    def _raise_if_mismatch(self, step: int, abstract_state) -> None:
+        """CheckpointMismatch if the state stored at `step` has other parameter names or shapes
+        than `abstract_state`; nothing if they fit or the metadata is unreadable (a damaged
+        checkpoint, which the read then reports)."""
+        step_dir = self.directory / str(step)
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
+            mismatch = integrity.describe_mismatch(meta.tree, abstract_state)
+            # Metadata that contradicts the checkpoint's own manifest is damage, not another
+            # configuration: the read and verification below then fail and fall back.
+            if mismatch and not integrity.shapes_agree(step_dir, meta.tree):
+                return
+        except Exception:
+            return
+        if mismatch:
+            raise CheckpointMismatch(
+                f"the checkpoint at step {step} in {self.directory} was written by another "
+                f"configuration ({mismatch}); run with the configuration that wrote it "
+                f"(<workdir>/config.gin) or start in a new workdir"
+            )
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Move unreadable steps out of the checkpoint directory (process 0), so that Orbax
+        """Move damaged steps out of the checkpoint directory (process 0), so that Orbax
         neither lists them nor refuses to save those steps again."""
         aside = self.directory.parent / (self.directory.name + UNREADABLE_SUFFIX)
-        if jax.process_index() == 0:
-            aside.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for step in steps:
-                src, dst = self.directory / str(step), aside / f"{step}-{stamp}"
-                try:
-                    src.rename(dst)
-                except Exception as e:  # some object stores cannot rename directories
-                    log.warning("could not move %s aside (%s); deleting it", src, e)
-                    src.rmtree()
-                log.warning("moved unreadable checkpoint %d to %s", step, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jcdm checkpoints set aside")
+        integrity.set_aside(self.directory, steps, aside)
         self.manager.reload()
 
 
@@ -438,20 +462,6 @@ def _on_every_process(ok: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
     return bool(np.all(flags))
-
-
-def _leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{key path as strings: shape} for the arrays of a state or of its stored metadata (a
-    dataclass attribute, a dict key and a sequence index all become strings)."""
-
-    def part(k) -> str:
-        for attr in ("name", "key", "idx"):
-            if hasattr(k, attr):
-                return str(getattr(k, attr))
-        return str(k)
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(part(k) for k in path): tuple(x.shape) for path, x in leaves}
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -6,15 +6,20 @@ a reader never sees half a file, whatever kills the writer.
 
 - Local: the bytes go to a uniquely named temporary file in the same folder, which is flushed,
   fsynced and renamed over the target (`os.replace` is atomic on POSIX); a failed write removes
-  its temporary file.
+  its temporary file. The file gets 0666 & ~umask, as `open()` would give it (not mkstemp's 0600).
 - Bucket: an object appears whole when its upload completes, so the object is written directly.
 
 Errors are OSErrors naming the path (a disk-full or permission error without a file name gets
 one), so a caller's message can say which file could not be written and why.
+
+`gs://` goes through gcsfs (a base dependency): `missing_bucket_client` names the pip command when
+it is absent, and gcsfs's listing cache is off, because TensorStore (Orbax's array writer) and
+other processes add objects behind gcsfs's back and a cached listing would hide them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -26,6 +31,20 @@ from etils import epath
 
 PathLike = str | os.PathLike
 
+# The pip package that serves each bucket scheme through etils.epath (fsspec).
+BUCKET_CLIENTS = {"gs": "gcsfs"}
+
+
+def _configure_bucket_clients() -> None:
+    # fsspec applies these defaults when epath first creates its gcsfs instance.
+    import fsspec.config
+
+    for scheme in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
+
+
+_configure_bucket_clients()
+
 
 def path(p: PathLike) -> epath.Path:
     """`p` as an `epath.Path` (local path or bucket URL)."""
@@ -35,6 +54,23 @@ def path(p: PathLike) -> epath.Path:
 def is_local(p: PathLike) -> bool:
     """True for a local path, False for a bucket URL (`scheme://...`)."""
     return "://" not in os.fspath(p)
+
+
+def missing_bucket_client(p: PathLike) -> str | None:
+    """For a bucket URL whose client package is not installed, the message to show (with the pip
+    command); None when `p` is local or its client is importable. Without this, the first bucket
+    access deep inside a run raises an ImportError that the launchers would retry forever."""
+    text = os.fspath(p)
+    if is_local(text):
+        return None
+    scheme = text.split("://", 1)[0]
+    package = BUCKET_CLIENTS.get(scheme)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (
+            f"{text} needs the Python package {package}, which is not installed: run "
+            f"`pip install {package}` (or reinstall jcdm: `pip install -e .` installs it)"
+        )
+    return None
 
 
 def local_path_arg(text: str):
@@ -71,6 +107,7 @@ def write_bytes(p: PathLike, data: bytes, *, makedirs: bool = True) -> epath.Pat
         dir=os.fspath(target.parent), prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -132,6 +169,21 @@ def commit_local_file(partial: PathLike, final: PathLike) -> None:
     if not (is_local(partial) and is_local(final)):
         raise ValueError(f"commit_local_file needs local paths, got {partial} -> {final}")
     os.replace(os.fspath(partial), os.fspath(final))
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it
+    back would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(p: str) -> None:

@@ -1,5 +1,7 @@
 """Preemption notices: SIGTERM on any process stops every process after the same step (system
-code), with no device collective or host-device sync in the step loop.
+code), with no device collective or host-device sync in the step loop. SIGINT (Ctrl-C) and SIGHUP
+(a closed terminal) stop the same way, but the trainer then exits `exit_codes.INTERRUPTED`, which
+the launchers do not retry; a second SIGINT/SIGHUP exits at once (`PreemptionWatcher`).
 
 A Python handler only records the notice, so a signal that arrives while XLA compiles, a
 checkpoint is restored or an evaluation runs is kept and acted on at the next step boundary.
@@ -25,12 +27,15 @@ before `jax.distributed.initialize` (jcdm.main does this), so no notice is lost 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from typing import Protocol
 
 import jax
+
+from jcdm import exit_codes
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +136,102 @@ class StopAgreement:
         return {int(k.rsplit("/", 1)[1]): int(v) for k, v in self.kv.key_value_dir_get(PREFIX)}
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+INTERRUPTS = (signal.SIGINT, signal.SIGHUP)
+"""The user's decision (Ctrl-C, a closed terminal): save, then exit INTERRUPTED, not retried."""
+
+
 class PreemptionWatcher:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """Owns SIGTERM, SIGINT and SIGHUP: any of them stops the run at the next step boundary,
+    after a save. A second SIGINT or SIGHUP exits at once (INTERRUPTED, nothing saved).
+
+    The signals are counted by a thread that reads Python's signal wakeup pipe, not by the
+    Python-level handler: that handler only runs when the main thread next executes Python
+    bytecode, which can be minutes away while XLA compiles or a collective waits, and a second
+    Ctrl-C must act at once. The handler raises nothing, so no KeyboardInterrupt can surface (and
+    be swallowed) inside a library callback, such as JAX's garbage-collection hook.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self._notice = False
+        self.first_signal: int | None = None
+        self._interrupts = 0
+        self._lock = threading.Lock()
         self._previous = {}
         self._agreement: StopAgreement | None = None
+        self._wakeup: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._start_wakeup_reader()
+
+    def _start_wakeup_reader(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)  # the C-level handler must never block
+        try:
+            self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: the Python-level handler counts instead
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, w)
+        threading.Thread(
+            target=self._read_wakeups, args=(r,), name="jcdm-signals", daemon=True
+        ).start()
+
+    def _read_wakeups(self, r: int) -> None:
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self._previous:
+                    self._note(signum)
 
     def _handle(self, signum, frame) -> None:
-        if not self._notice:
-            log.warning(
-                "received %s: will save and exit at the next step boundary",
-                signal.Signals(signum).name,
+        if self._wakeup is None:
+            self._note(signum)
+
+    def _note(self, signum: int) -> None:
+        with self._lock:
+            first = not self._notice
+            self._notice = True
+            if signum in INTERRUPTS:
+                self._interrupts += 1
+                if self.first_signal not in INTERRUPTS:  # the user's decision outranks a notice
+                    self.first_signal = signum
+            elif self.first_signal is None:
+                self.first_signal = signum
+            again = signum in INTERRUPTS and self._interrupts >= 2
+        name = signal.Signals(signum).name
+        if again:
+            log.error(
+                "received %s again: exiting at once without saving (exit %d); the last committed "
+                "checkpoint is kept, rerun the same command to resume from it",
+                name,
+                exit_codes.INTERRUPTED,
             )
-        self._notice = True
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os._exit(exit_codes.INTERRUPTED)
+        if first and signum in INTERRUPTS:
+            log.warning(
+                "received %s: will save at the next step boundary and exit %d (not restarted by "
+                "the launchers); %s again exits at once without saving",
+                name,
+                exit_codes.INTERRUPTED,
+                name,
+            )
+        elif first:
+            log.warning("received %s: will save and exit at the next step boundary", name)
+
+    @property
+    def interrupted(self) -> bool:
+        """The notice came from the user (SIGINT or SIGHUP), not a preemption (SIGTERM)."""
+        return self.first_signal in INTERRUPTS
 
     @property
     def local_notice(self) -> bool:
@@ -178,6 +264,10 @@ class PreemptionWatcher:
             self._agreement.close()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            os.close(self._wakeup[1])  # the reader sees EOF and ends
+            self._wakeup = None
 
 
 _active: PreemptionWatcher | None = None
@@ -197,7 +287,8 @@ def install() -> PreemptionWatcher:
 
 
 def uninstall() -> None:
-    """Give SIGTERM back to its previous handler (for in-process callers such as tests)."""
+    """Give SIGTERM, SIGINT and SIGHUP back to their previous handlers (for in-process callers
+    such as tests)."""
     global _active
     if _active is not None:
         _active.restore()

@@ -54,6 +54,14 @@ def inference(
     """
     if fid_seed_sets < 1:
         raise ValueError(f"inference.fid_seed_sets must be >= 1, got {fid_seed_sets}")
+    # Nothing is created for a workdir that holds no run (a typo): that is exit 2, not a retry.
+    ckpt_dir = io.path(workdir) / "checkpoints"
+    if not io.exists(workdir):
+        raise FileNotFoundError(
+            f"workdir {workdir} does not exist: pass the --workdir of a training run"
+        )
+    if not io.exists(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first")
     # Only the networks, shardings and the data's image shape are used: any batch that divides
     # the devices does, and the parameters come from the checkpoint.
     built = train_lib.build(
@@ -64,13 +72,20 @@ def inference(
         compile_update=False,
     )
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints: train first")
-    step = _choose_step(checkpointer, steps, checkpoint_step)
-    target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)
-    state = checkpointer.restore(step, target)
-    checkpointer.close()
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first")
+        target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)
+        if checkpoint_step == "latest":
+            # As training does: verified, a damaged newest one moved aside for the one before.
+            state, step = checkpointer.restore_latest(target)
+        else:
+            # A step the user chose is restored and verified, or refused; never another one.
+            step = _choose_step(checkpointer, steps, checkpoint_step)
+            state = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
     ema = state.ema_params
     sampler = sampler_lib.Sampler(
         built.networks, built.cfg, built.mesh, built.state_sh.ema_params, built.image_shape

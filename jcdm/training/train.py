@@ -26,6 +26,7 @@ from jcdm import models
 from jcdm.ict import objective
 from jcdm.runtime import checkpoint as ckpt_lib
 from jcdm.runtime import io, peers, reporting, stall
+from jcdm.runtime import lease as lease_lib
 from jcdm.runtime import mesh as mesh_lib
 from jcdm.runtime import preemption as preemption_lib
 from jcdm.training import evaluation, faults
@@ -44,6 +45,16 @@ class Preempted(Exception):
 
     def __init__(self, step: int):
         super().__init__(f"preempted: checkpoint at step {step} committed; restart to resume")
+        self.step = step
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGHUP was handled: a checkpoint at `step` is committed (not restarted)."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"interrupted: checkpoint at step {step} committed; rerun the same command to resume"
+        )
         self.step = step
 
 
@@ -305,7 +316,6 @@ def train(
         fault = faults.parse(test_fault)
         eval_cfg, fid_cfg = evaluation.EvalConfig(), evaluation.FIDConfig()  # before compiling
         stall_cfg = stall.StallConfig()
-        io.mkdirs(workdir)  # a local path or a bucket URL
         built = build(
             global_batch_size=global_batch_size,
             seed=seed,
@@ -317,6 +327,8 @@ def train(
             compile_update=False,
         )
         data_it = built.data_it
+        _check_dataset_fits(data_it.spec.num_records, global_batch_size)
+        io.mkdirs(workdir)  # a local path or a bucket URL; after every check of the settings
         # Restore before compiling: a checkpoint that does not fit the configuration stops the
         # run at once, and restart time splits into its parts.
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -375,6 +387,7 @@ def train(
                 state, metrics = built.update(state, batch)
             step += steps_per_call
             final = step >= num_steps
+            lease_lib.check()  # another run took the workdir (we were paused or cut off): stop
             if step == start_step + steps_per_call:
                 _log_first_step(step, metrics, loop_uptime, restore_s, built.compile_s)
 
@@ -395,7 +408,7 @@ def train(
                 save(step)
                 with progress.paused():
                     checkpointer.wait()
-                raise Preempted(step)
+                raise Interrupted(step) if preemption.interrupted else Preempted(step)
             with progress.paused():
                 evaluator.maybe_run(step, state.ema_params, final=final)
             if final or evaluation.crossed(step, checkpointer.cfg.save_every, steps_per_call):
@@ -432,6 +445,18 @@ def _log_first_step(step, metrics, loop_uptime: float, restore_s: float, compile
         compile_s,
         total - loop_uptime,
     )
+
+
+def _check_dataset_fits(num_records: int, global_batch_size: int) -> None:
+    """Refuse a dataset smaller than one global batch: every batch would repeat its images, which
+    is a wrong dataset path or batch size far more often than an intent."""
+    if num_records < global_batch_size:
+        raise data_lib.DataError(
+            f"the dataset holds {num_records} image(s), fewer than one global batch "
+            f"(train.global_batch_size={global_batch_size}): every batch would repeat them. "
+            "Check make_train_iterator.dataset, or set train.global_batch_size to at most "
+            f"{num_records}"
+        )
 
 
 def _check_finite(state, step: int) -> None:
