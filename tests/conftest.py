@@ -43,6 +43,7 @@ HEAVY_FIRST = (
     "test_integrity_trainer.py",
     "test_bucket.py",
     "test_workdir_owner.py",
+    "test_sample_quality.py",
 )
 
 

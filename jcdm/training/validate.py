@@ -156,6 +156,7 @@ def _rules() -> dict[str, dict[str, Checker]]:
             "batch_size": POS_INT,
             "stats": PATH,
             "inception_weights": PATH,
+            "features": one_of("inception", "digits"),
         },
         "CheckpointConfig": {
             "save_every": POS_INT,
@@ -216,6 +217,7 @@ def _rules() -> dict[str, dict[str, Checker]]:
             "fid_stats": PATH,
             "batch_size": POS_INT,
             "seed": SEED,
+            "fid_seed_sets": POS_INT,
         },
     }
     return rules
