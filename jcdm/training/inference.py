@@ -62,15 +62,7 @@ def inference(
         )
     if not io.exists(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first")
-    # Only the networks, shardings and the data's image shape are used: any batch that divides
-    # the devices does, and the parameters come from the checkpoint.
-    built = train_lib.build(
-        global_batch_size=jax.device_count(),
-        seed=0,
-        total_steps=1,
-        ema_decay=0.0,
-        compile_update=False,
-    )
+    built = train_lib.build_for_sampling()
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         steps = checkpointer.all_steps()

@@ -256,6 +256,19 @@ def build(
     return built
 
 
+def build_for_sampling() -> Built:
+    """`build` for sampling from a checkpoint (`--only_inference`, the study's evaluation): only
+    the networks, shardings and the data's image shape are used, so any batch that divides the
+    devices does, and the parameters come from the checkpoint."""
+    return build(
+        global_batch_size=jax.device_count(),
+        seed=0,
+        total_steps=1,
+        ema_decay=0.0,
+        compile_update=False,
+    )
+
+
 def init_or_restore(built: Built, checkpointer: ckpt_lib.Checkpointer, seed: int):
     """The latest readable checkpoint on the current mesh, or a fresh state."""
     target = ckpt_lib.abstract_with_shardings(built.abstract_state, built.state_sh)

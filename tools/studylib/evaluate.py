@@ -32,7 +32,6 @@ def evaluate_run(
 ) -> dict:
     """{str(step): {"1step": {...}, "2step": {...}}} for every step in `steps`, reusing the
     numbers already in WORKDIR/study_eval.json."""
-    import jax
     import numpy as np
 
     from jcdm.main import parse_gin
@@ -54,13 +53,7 @@ def evaluate_run(
         cfg.flush()
         parse_gin([cfg.name], [])
     two_step = evaluation.EvalConfig().two_step_sigma  # the run's own, from its config.gin
-    built = train_lib.build(
-        global_batch_size=jax.device_count(),
-        seed=0,
-        total_steps=1,
-        ema_decay=0.0,
-        compile_update=False,
-    )
+    built = train_lib.build_for_sampling()
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     have = checkpointer.all_steps()
     missing = [s for s in todo if s not in have]
