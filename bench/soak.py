@@ -50,9 +50,11 @@ TIMING_KEYS = ("images_per_sec", "compile_s")
 SCHEDULES = {
     # 12 faults, two of each kind, over 320 steps with a save every 20.
     "full": dict(num_steps=320, save_every=20, kinds=KINDS * 2, cold_restarts=2),
-    # One of each signal kind; the test suite runs this one. curriculum_steps=8 (K in N(k), a
-    # constant of the compiled step) makes its step tests/test_stall.py's, so the tests' compile
-    # cache serves both.
+    # One of each signal kind (~5 minutes on 2 idle cores). Not in the test suite since
+    # 2026-12-07: tests/test_checkpoint.py runs its SIGTERM and SIGKILL-during-a-save on a
+    # 2 x 2 launch with stricter checks, tests/test_multihost.py the SIGKILL of one process and
+    # tests/test_stall.py the SIGSTOP (tests/README.md, "Suite timings"). Run it after changing
+    # this file. curriculum_steps=8 makes its step the tests' 2 x 2 one (one compile cache).
     "short": dict(
         num_steps=32, save_every=4, kinds=SIGNAL_KINDS, cold_restarts=0, curriculum_steps=8
     ),
@@ -126,6 +128,14 @@ class Launch:
             keys = ("step", "total_s", "startup_s", "restore_s", "compile_s", "first_step_s")
             out[int(m[1])] = dict(zip(keys, [int(m[2]), *map(float, m.groups()[2:])]))
         return out
+
+    def cache_misses(self) -> list[int]:
+        """Processes whose train step missed the persistent compilation cache (JAX's
+        explanation of a miss, switched on in child_env)."""
+        found = re.findall(
+            r"\[p(\d)\] .*PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'", self.out
+        )
+        return sorted({int(p) for p in found})
 
     def resumed_step(self) -> int:
         m = re.search(r"\[p0\] .*resumed from step (\d+)", self.out)
@@ -262,6 +272,7 @@ def child_env() -> dict:
         "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     )
     env.setdefault("WANDB_MODE", "disabled")
+    env["JAX_EXPLAIN_CACHE_MISSES"] = "true"  # Launch.cache_misses reads the explanations
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -352,6 +363,7 @@ def run_soak(cfg: dict, base: str, seed: int) -> dict:
                 rc=rc, exit_codes=launch.exit_codes(), action=action,
                 resumed_from=launch.resumed_step(), last_step=max(launch.steps() or [0]),
                 first_step=launch.first_steps(), wall_s=round(launch.t_end - launch.t0, 2),
+                cache_misses=launch.cache_misses(),
             )  # fmt: skip
             launches.append(record)
             print(

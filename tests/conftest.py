@@ -2,8 +2,11 @@
 every trainer subprocess the tests start."""
 
 import itertools
+import json
 import os
+import resource
 import sys
+import time
 
 import pytest
 
@@ -32,18 +35,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYT
 # cache, tests/README.md "Suite timings"). Under pytest-xdist (tests/run.sh: two workers, one
 # file each at a time, in this order) a long file that started last would run alone at the end.
 HEAVY_FIRST = (
-    "test_soak.py",
-    "test_checkpoint.py",
-    "test_precision.py",
+    "test_sample_quality.py",
+    "test_checkpoint.py",  # before test_multihost.py: it compiles their shared FSDP program
+    "test_bucket.py",
     "test_multihost.py",
+    "test_precision.py",
+    "test_inference.py",
+    "test_integrity_trainer.py",
     "test_train.py",
     "test_stall.py",
-    "test_inference.py",
-    "test_compile_cache.py",
-    "test_integrity_trainer.py",
-    "test_bucket.py",
     "test_workdir_owner.py",
-    "test_sample_quality.py",
 )
 
 
@@ -55,6 +56,31 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def repo() -> str:
     return REPO
+
+
+def _cpu_seconds() -> float:
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """JCDM_TEST_CPU_LOG=FILE: one JSON line per test with its CPU seconds (this process and
+    every subprocess it waited for, trainers under launch_local included) and wall seconds.
+    A module fixture counts in its first test. `python tests/cpu_report.py FILE` sums them per
+    file: the suite's budget is CPU, not wall time (tests/README.md, "Suite timings")."""
+    path = os.environ.get("JCDM_TEST_CPU_LOG")
+    cpu0, wall0 = _cpu_seconds(), time.monotonic()
+    yield
+    if path:
+        row = {
+            "test": item.nodeid,
+            "cpu_s": round(_cpu_seconds() - cpu0, 2),
+            "wall_s": round(time.monotonic() - wall0, 2),
+            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)

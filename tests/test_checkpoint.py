@@ -1,21 +1,24 @@
 """Checkpoints, preemption and resume with real processes and real signals.
 
-Every run goes through `python -m jcdm.dev.launch_local` on the smoke model, 2 processes x 4 CPU
-devices with FSDP (a 2x4 mesh), unless said otherwise. One module-scoped fixture runs them all,
+Every run goes through `python -m jcdm.dev.launch_local` on the smoke model, 2 processes x 2 CPU
+devices with FSDP over all four (a 1x4 mesh spanning both processes: every sharded array is
+split across the processes), unless said otherwise. One module-scoped fixture runs them all,
 two at a time, because XLA:CPU compiles dominate (a launch whose program is not yet in the
 persistent compile cache compiles it on both processes):
 
-    ref:    uninterrupted, 6 steps, saves at 2, 4, 6                } concurrently
-    kill:   SIGKILL of both processes while step 4 is being saved   }
+    ref:    uninterrupted, 6 steps, saves at 2, 4, 6
+    kill:   SIGKILL of both processes while step 4 is being saved (started once ref's process
+            0 has compiled: its program then comes from the compile cache)
     resume: restarts from step 2; SIGTERM to process 1 only mid-run -> exit 75 at step k
     finish: restarts from step k and ends at step 6                 } concurrently
-    other:  ref's workdir with step 6 corrupted, on 1 process x 8    }
-            devices (mesh 1x8, FSDP over 8), with a NaN injected at the second step after
+    other:  ref's workdir with step 6 corrupted, on 1 process x 4    }
+            devices with the state replicated (tests/test_multihost.py's 1x4 program), with
+            NaNs injected into the batch of the second step after
             restoring: falls back to step 4, trains step 5, stops at step 6, exit 3
 
-`train.curriculum_steps=8` makes the compiled train step that of tests/test_multihost.py's FSDP
-run (the curriculum length is a constant of the program), so process 0 can reuse it from the
-persistent compilation cache.
+`train.curriculum_steps=8` makes the compiled train steps those of tests/test_multihost.py's
+FSDP and 1x4 runs (the curriculum length is a constant of the program), so the file that runs
+second reuses them from the persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ TRAIN = [
     "--gin.state_shardings.strategy='fsdp'",
     "--gin.state_shardings.fsdp_min_size=256",  # smoke arrays are tiny: really shard them
 ]
-MESH_2X4 = ["--gin.make_mesh.fsdp=4"]
-MESH_1X8 = ["--gin.make_mesh.fsdp=8"]
+MESH_2X2 = ["--gin.make_mesh.fsdp=4"]
+MESH_1X4 = ["--gin.make_mesh.fsdp=1", "--gin.state_shardings.strategy='replicated'"]
 NAN_AT = STEPS - 1  # state.step 5: the update that produces step 6 (a save step) is poisoned
 TIMING_KEYS = ("images_per_sec", "compile_s")  # wall-clock values, not results
 TIMEOUT_S = 420
@@ -62,7 +65,7 @@ class Launch:
     """One `jcdm.dev.launch_local` invocation whose output goes to a file we can poll."""
 
     def __init__(
-        self, repo: str, name: str, workdir: str, args: list[str], *, num=2, devices=4
+        self, repo: str, name: str, workdir: str, args: list[str], *, num=2, devices=2
     ) -> None:
         self.name = name
         self.workdir = workdir
@@ -72,6 +75,7 @@ class Launch:
             self.proc = subprocess.Popen(
                 launch_local_argv(num, devices, [*TRAIN, *args], workdir),
                 cwd=repo,
+                env={**os.environ, "JAX_EXPLAIN_CACHE_MISSES": "true"},  # MISS lines, below
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -194,8 +198,11 @@ def runs(repo, tmp_path_factory) -> Runs:
         return started[-1]
 
     try:
-        ref = start("ref", str(base / "ref"), MESH_2X4)
-        kill = start("kill", str(base / "chain"), MESH_2X4)
+        ref = start("ref", str(base / "ref"), MESH_2X2)
+        # Two processes compiling the same program at once would both miss the cache.
+        compiled = lambda: re.search(r"\[p0\] .*train step compiled", ref.out)
+        ref.poll_until(compiled, "process 0 compiled", interval=0.2)
+        kill = start("kill", str(base / "chain"), MESH_2X2)
         # Host loss during a save: SIGKILL both processes while step >= 4 is being written
         # (its save starts only once the previous one is committed).
         chain_ckpts = os.path.join(kill.workdir, "checkpoints")
@@ -210,7 +217,7 @@ def runs(repo, tmp_path_factory) -> Runs:
 
         # Restart; once it has trained a step past the restored one (its progress line), SIGTERM
         # process 1 only.
-        resume = start("resume", kill.workdir, MESH_2X4)
+        resume = start("resume", kill.workdir, MESH_2X2)
         resumed = lambda: re.search(r"resumed from step (\d+)", resume.out)
         resume.poll_until(resumed, "resuming", interval=0.2)
         first = int(resumed()[1])
@@ -227,8 +234,8 @@ def runs(repo, tmp_path_factory) -> Runs:
         other_before = committed_steps(other_workdir)
         _corrupt(os.path.join(other_workdir, "checkpoints", str(STEPS)))
         nan = f"--gin.train.nan_at_step={NAN_AT}"
-        other = start("other", other_workdir, [*MESH_1X8, nan], num=1, devices=8)
-        finish = start("finish", kill.workdir, MESH_2X4)
+        other = start("other", other_workdir, [*MESH_1X4, nan], num=1, devices=4)
+        finish = start("finish", kill.workdir, MESH_2X2)
         finish.wait()
         other.wait()
     finally:
@@ -282,6 +289,18 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(runs):
     assert results(read_rows(runs.finish.workdir)) == results(read_rows(runs.ref.workdir))
 
 
+def test_every_launch_after_the_first_hits_the_compile_cache_on_both_processes(runs):
+    """The persistent compilation cache (jcdm.runtime.compile_cache) on a local directory: once
+    the first launch's process 0 has compiled the step and written it (or an earlier test did),
+    every later launch of the same program finds it, on process 1 too (its cache key must
+    equal process 0's: JAX 0.10.2's CPU key differed between processes)."""
+    miss = r"\[p{}\] .*PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'"
+    for launch in (runs.kill, runs.resume, runs.finish):
+        for p in (0, 1):
+            assert not re.search(miss.format(p), launch.out), (launch.name, launch.out[-3000:])
+        assert re.search(r"\[p1\] .*train step compiled", launch.out), launch.name
+
+
 # --- SIGKILL during a save ------------------------------------------------------------------------
 
 
@@ -309,12 +328,12 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_one_before(runs):
 
 
 def test_restore_onto_a_different_mesh_continues_the_run(runs):
-    """Saved sharded over 2 processes x 4 devices (FSDP 4), restored on 1 process x 8 devices
-    (FSDP 8): the step after restoring gives the reference run's metrics up to float reduction
-    order (measured ~1e-6 relative)."""
+    """Saved sharded over 2 processes x 2 devices (FSDP 4), restored replicated on 1 process x 4
+    devices (every shard now read by one process): the step after restoring gives the
+    reference run's metrics up to float reduction order (measured ~1e-6 relative)."""
     out = runs.other.out
-    assert "mesh {'data': 1, 'fsdp': 8}" in out
-    assert "mesh {'data': 2, 'fsdp': 4}" in runs.ref.out
+    assert "process 0/1 mesh {'data': 4, 'fsdp': 1}" in out
+    assert "process 1/2 mesh {'data': 1, 'fsdp': 4}" in runs.ref.out
     rows = {r["step"]: r for r in read_rows(runs.other.workdir)}
     ref = {r["step"]: r for r in read_rows(runs.ref.workdir)}
     assert max(rows) == STEPS - 1  # step 5 trained and logged; step 6 was the poisoned one
@@ -364,7 +383,7 @@ def test_inspect_checkpoint_text_and_json(repo, runs, capsys):
 
 
 def test_restore_in_this_process_onto_one_device_is_bit_identical(runs):
-    """Restore the 2x4-sharded state with explicit 1x1 target shardings through the trainer's
+    """Restore the 2x2-sharded state with explicit 1x1 target shardings through the trainer's
     Checkpointer and hash it like the tool does."""
     import jax
     import orbax.checkpoint as ocp

@@ -38,6 +38,7 @@ TRAIN = [
     "gin/smoke.gin",
     "--gin.EvalConfig.every=0",
     f"--gin.train.num_steps={STEPS}",
+    "--gin.train.curriculum_steps=8",  # the suite's one-device smoke step: a compile-cache hit
     "--gin.CheckpointConfig.save_every=2",
 ]
 

@@ -42,6 +42,9 @@ FSDP = [
     # smoke.gin's arrays are tiny; a low threshold makes FSDP really shard most of them.
     "--gin.state_shardings.fsdp_min_size=256",
 ]
+# The FSDP program (and the 1x4 one) are tests/test_checkpoint.py's too: the compile cache
+# serves whichever file runs second. The fused optimizer (impl='fused', 'auto' on GPUs and TPUs)
+# is checked in-process (tests/test_update.py): its cold compile costs 2.7x the per-leaf one.
 # Float reduction order differs between meshes (per-device partial sums, gloo across processes);
 # measured differences are ~1e-6 relative, so this tolerance still catches any real mismatch
 # (a wrong batch row, noise draw or dropout mask changes the loss at the 1e-2 level).
@@ -130,25 +133,25 @@ ERRORS = {
     # 2 processes: the error path of a real multi-process start (both exit 2, launcher says 2).
     "mesh_mismatch": (
         2,
-        4,
+        2,
         ["--gin.make_mesh.data=3", "--gin.make_mesh.fsdp=2"],
-        r"mesh \{'data': 3, 'fsdp': 2\} needs 6 devices but 8 are present",
+        r"mesh \{'data': 3, 'fsdp': 2\} needs 6 devices but 4 are present",
     ),
     "indivisible_batch": (
         1,
-        8,
-        ["--gin.train.global_batch_size=12"],
-        r"global batch 12 does not divide across 8 devices",
+        4,
+        ["--gin.train.global_batch_size=10"],
+        r"global batch 10 does not divide across 4 devices",
     ),
     "unshardable_parameter": (
         1,
-        8,
+        4,
         [
-            "--gin.make_mesh.fsdp=8",
+            "--gin.make_mesh.fsdp=4",
             "--gin.state_shardings.strategy='fsdp'",
             "--gin.state_shardings.fsdp_min_size=1",
         ],
-        r"parameter .* with shape \(\d+,?.*\) has no axis divisible by fsdp=8",
+        r"parameter .* with shape \(\d+,?.*\) has no axis divisible by fsdp=4",
     ),
 }
 
@@ -160,23 +163,20 @@ def runs(repo, tmp_path_factory) -> dict[str, Run]:
         name: Launch(repo, str(work / f"err_{name}"), num, devices, [*BASE, *extra])
         for name, (num, devices, extra, _) in ERRORS.items()
     }
-    launches["1x8"] = Launch(repo, str(work / "1x8"), 1, 8, BASE)
+    launches["1x4"] = Launch(repo, str(work / "1x4"), 1, 4, BASE)
     launches["1x1"] = Launch(repo, str(work / "1x1"), 1, 1, BASE)
-    # 2 x 4 replicated also serves the killed-process test: a run too long to finish, in which
-    # process 1 is SIGKILLed once process 0 has printed step STEPS + 1. Its first STEPS metrics
-    # rows equal a STEPS-step run's (the compiled step depends on curriculum_steps, not
-    # num_steps), so one compile serves both checks.
-    launches["2x4"] = Launch(repo, str(work / "2x4"), 2, 4, [*BASE, "--gin.train.num_steps=100000"])
-    launches["2x4"].kill_at_line = rf"\[p0\] \[#*-*\] {STEPS + 1}/"
-    # FSDP across two processes, with the sampler and sample grids on (EMA params sharded).
-    launches["2x4_fsdp"] = Launch(
-        repo,
-        str(work / "2x4_fsdp"),
-        2,
-        4,
-        # the fused optimizer ('auto' picks per leaf on a CPU): packed replicated leaves and
-        # per-leaf sharded ones, compared with the replicated per-leaf run below
-        [*BASE, *FSDP, "--gin.EvalConfig.every=4", "--gin.make_optimizer.impl='fused'"],
+    # 2 x 2 replicated (the program of tests/test_stall.py and bench/soak.py) also serves
+    # the killed-process test: a run too long to finish, in which process 1 is SIGKILLed once
+    # process 0 has printed step STEPS + 1. Its first STEPS metrics rows equal a STEPS-step
+    # run's (the compiled step depends on curriculum_steps, not num_steps), so one compile
+    # serves both checks.
+    launches["2x2"] = Launch(repo, str(work / "2x2"), 2, 2, [*BASE, "--gin.train.num_steps=100000"])
+    launches["2x2"].kill_at_line = rf"\[p0\] \[#*-*\] {STEPS + 1}/"
+    # FSDP over all 4 devices of both processes (every sharded array split across the
+    # processes), with the sampler and sample grids on (EMA params sharded); compared with the
+    # replicated per-leaf run above.
+    launches["2x2_fsdp"] = Launch(
+        repo, str(work / "2x2_fsdp"), 2, 2, [*BASE, *FSDP, "--gin.EvalConfig.every=4"]
     )
     deadline = time.monotonic() + 900
     results = {name: launch.result(deadline) for name, launch in launches.items()}
@@ -190,8 +190,8 @@ def _ok(run: Run) -> Run:
 
 
 @pytest.fixture(scope="module")
-def run_1x8(runs) -> Run:
-    return _ok(runs["1x8"])
+def run_1x4(runs) -> Run:
+    return _ok(runs["1x4"])
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +200,13 @@ def run_1x1(runs) -> Run:
 
 
 @pytest.fixture(scope="module")
-def run_2x4(runs) -> Run:
-    return runs["2x4"]  # killed on purpose: its exit code is checked by the kill test
+def run_2x2(runs) -> Run:
+    return runs["2x2"]  # killed on purpose: its exit code is checked by the kill test
 
 
 @pytest.fixture(scope="module")
-def run_2x4_fsdp_eval(runs) -> Run:
-    return _ok(runs["2x4_fsdp"])
+def run_2x2_fsdp_eval(runs) -> Run:
+    return _ok(runs["2x2_fsdp"])
 
 
 def _max_rel_diff(a: Run, b: Run) -> dict[str, float]:
@@ -222,13 +222,13 @@ def _max_rel_diff(a: Run, b: Run) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_loss_trajectory_is_the_same_on_1x8_2x4_and_1x1(run_1x8, run_2x4, run_1x1):
+def test_loss_trajectory_is_the_same_on_1x4_2x2_and_1x1(run_1x4, run_2x2, run_1x1):
     ref = run_1x1
     assert [m["step"] for m in ref.metrics] == list(range(1, STEPS + 1))
     # The curriculum really moves during the compared steps (K' = 1 at curriculum_steps=8).
     assert len(set(ref.series("num_scales"))) == STEPS
     print("\nloss 1x1:", ref.series("loss").tolist())
-    for name, run in [("1x8", run_1x8), ("2x4", run_2x4)]:
+    for name, run in [("1x4", run_1x4), ("2x2", run_2x2)]:
         diffs = _max_rel_diff(run, ref)
         abs_loss = float(np.max(np.abs(run.series("loss") - ref.series("loss"))))
         print(f"{name} vs 1x1: max |dloss| {abs_loss:.3g}, max rel diff {diffs}")
@@ -236,30 +236,30 @@ def test_loss_trajectory_is_the_same_on_1x8_2x4_and_1x1(run_1x8, run_2x4, run_1x
 
 
 @pytest.mark.slow
-def test_two_processes_log_their_mesh_and_only_process_0_writes(run_2x4):
-    out = run_2x4.out
+def test_two_processes_log_their_mesh_and_only_process_0_writes(run_2x2):
+    out = run_2x2.out
     for i in range(2):
-        mesh = rf"\[p{i}\] .*process {i}/2 mesh \{{'data': 8, 'fsdp': 1\}} local devices \[\d+, "
+        mesh = rf"\[p{i}\] .*process {i}/2 mesh \{{'data': 4, 'fsdp': 1\}} local devices \[\d+, "
         assert re.search(mesh, out), out[-3000:]
     # One metrics row per step, not one per process; the progress bar comes from process 0 only.
-    assert [m["step"] for m in run_2x4.metrics] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in run_2x2.metrics] == list(range(1, STEPS + 1))
     assert not re.search(r"\[p1\] \[#*-*\] \d+/", out)
-    assert os.path.exists(os.path.join(run_2x4.workdir, "config.gin"))
+    assert os.path.exists(os.path.join(run_2x2.workdir, "config.gin"))
 
 
 @pytest.mark.slow
-def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x4, run_2x4_fsdp_eval):
-    out = run_2x4_fsdp_eval.out
-    assert "mesh {'data': 2, 'fsdp': 4}" in out
+def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x2, run_2x2_fsdp_eval):
+    out = run_2x2_fsdp_eval.out
+    assert "mesh {'data': 1, 'fsdp': 4}" in out
     sharded = re.search(r"state sharding fsdp over fsdp=4: (\d+) arrays sharded \(([\d.]+)%", out)
     assert sharded and int(sharded[1]) > 0 and float(sharded[2]) > 50, out[-3000:]
-    assert "optimizer: FusedRAdam" in out and "optimizer: PerLeaf" in run_2x4.out
-    diffs = _max_rel_diff(run_2x4_fsdp_eval, run_2x4)
-    print("\nfsdp vs replicated (2x4): max rel diff", diffs)
+    assert "optimizer: PerLeaf" in out and "optimizer: PerLeaf" in run_2x2.out
+    diffs = _max_rel_diff(run_2x2_fsdp_eval, run_2x2)
+    print("\nfsdp vs replicated (2x2): max rel diff", diffs)
     assert max(diffs.values()) < RTOL, diffs
     assert "exit codes [0, 0] -> 0" in out  # a clean end: final checkpoint, shutdown barrier
     # The sampler ran under jit on the FSDP-sharded EMA parameters and process 0 wrote the grids.
-    samples = os.path.join(run_2x4_fsdp_eval.workdir, "samples")
+    samples = os.path.join(run_2x2_fsdp_eval.workdir, "samples")
     assert sorted(os.listdir(samples)) == ["1step_0000004.png", "2step_0000004.png"]
 
 
@@ -267,17 +267,17 @@ def test_fsdp_matches_replicated_and_samples_on_two_processes(run_2x4, run_2x4_f
 
 
 @pytest.mark.slow
-def test_killed_process_makes_the_survivor_exit(run_2x4):
+def test_killed_process_makes_the_survivor_exit(run_2x2):
     """SIGKILL of process 1 during training: process 0 exits non-zero on its own (peer watchdog,
     or gloo's own connection error, whichever comes first), well before the 30 s heartbeat
     timeout and the launcher's 30 s kill, and the launcher reports the failure."""
-    out = run_2x4.out
-    assert run_2x4.killed_after_s is not None, f"training never reached step {STEPS + 1}"
-    print(f"\nlauncher returned {run_2x4.rc} {run_2x4.killed_after_s:.2f}s after SIGKILL of p1")
-    assert run_2x4.rc == 1, out[-3000:]
+    out = run_2x2.out
+    assert run_2x2.killed_after_s is not None, f"training never reached step {STEPS + 1}"
+    print(f"\nlauncher returned {run_2x2.rc} {run_2x2.killed_after_s:.2f}s after SIGKILL of p1")
+    assert run_2x2.rc == 1, out[-3000:]
     assert "exit codes [1, -9] -> 1" in out, out[-3000:]
     assert "[p0]" in out and "process 1 exited or was killed" in out, out[-3000:]
-    assert run_2x4.killed_after_s < 15, out[-3000:]
+    assert run_2x2.killed_after_s < 15, out[-3000:]
 
 
 # --- configuration errors are clear and exit 2 before compiling -----------------------------------

@@ -163,3 +163,30 @@ def test_fused_train_step_keeps_the_losses_and_launches_fewer_ops():
     # the per-leaf optimizer, EMA and guard are gone from the compiled step's top level
     assert ops_f["total"] < 0.85 * ops_o["total"], (ops_f, ops_o)
     assert ops_f["fusion_reduce"] < 0.8 * ops_o["fusion_reduce"], (ops_f, ops_o)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_multi_step_is_the_same_updates_as_one_call_per_step(unroll):
+    """make_multi_step (train.steps_per_call, train.unroll_steps): a scan over stacked batches,
+    rolled or unrolled, gives the state and last metrics of calling the step once per batch.
+    The trainer-level check (tests/test_precision.py) runs the rolled scan end to end."""
+
+    def toy_step(state, x):
+        w, key = state
+        key, sub = jax.random.split(key)
+        w = 0.9 * w + jnp.tanh(x @ w) + 0.01 * jax.random.normal(sub, w.shape)
+        return (w, key), {"loss": jnp.sum(w**2), "x": jnp.sum(x)}
+
+    xs = jax.random.normal(jax.random.key(1), (4, 3, 3))
+    state = (jnp.eye(3), jax.random.key(0))
+    multi = jax.jit(step_lib.make_multi_step(toy_step, 2, unroll=unroll))
+    single = jax.jit(toy_step)
+    s_multi, s_single = state, state
+    for i in range(0, 4, 2):
+        s_multi, m_multi = multi(s_multi, xs[i : i + 2])
+        for x in xs[i : i + 2]:
+            s_single, m_single = single(s_single, x)
+        np.testing.assert_allclose(m_multi["loss"], m_single["loss"], rtol=1e-6)
+        assert float(m_multi["x"]) == float(m_single["x"])  # the last step's metrics
+    np.testing.assert_allclose(s_multi[0], s_single[0], rtol=1e-6)
+    assert step_lib.make_multi_step(toy_step, 1) is toy_step

@@ -69,6 +69,12 @@ class CheckpointConfig:
     with `async_save`, also hand Orbax's blocking part (device-to-host copy, per-array metadata,
     the start barrier) to a thread, after a device-side copy of the state; this holds one more
     copy of the state in accelerator memory until it has reached host memory.
+    `replica_parallel_min_bytes`: a replicated array is split among its replicas for writing
+    (Orbax's replica-parallel save) only when each replica's slice has at least this many
+    bytes; smaller arrays are written by one replica. Each slice shape is a small compiled
+    program: on the first save of a state of many small arrays (biases, norms) those compiles
+    cost seconds and the parallel write gains nothing (measured: 30 small replicated arrays on
+    2 devices, 2.2 s with slicing, 0.1 s without).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class CheckpointConfig:
         async_save: bool = True,
         background: bool = True,
         fid_metric: str = "fid_1step",
+        replica_parallel_min_bytes: int = 1 << 20,
     ):
         if save_every < 1 or keep < 1 or keep_best_fid < 0:
             raise ValueError("need save_every >= 1, keep >= 1, keep_best_fid >= 0")
@@ -89,6 +96,7 @@ class CheckpointConfig:
         self.async_save = async_save
         self.background = background and async_save
         self.fid_metric = fid_metric
+        self.replica_parallel_min_bytes = replica_parallel_min_bytes
 
 
 def _use_coordination_service_barriers() -> None:
@@ -117,6 +125,15 @@ class Checkpointer:
         _use_coordination_service_barriers()
         quiet_loops.install()
         self.cfg = cfg or CheckpointConfig()
+        # Orbax looks array handlers up in a process-wide registry (StandardSave has no
+        # per-call option for this); one Checkpointer per process, so the override is its own.
+        ocp.type_handlers.register_type_handler(
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=self.cfg.replica_parallel_min_bytes
+            ),
+            override=True,
+        )
         self.directory = epath.Path(directory)
         keep: list = [cm.LatestN(self.cfg.keep)]
         best: dict[str, Any] = {}

@@ -112,14 +112,12 @@ def make_train_step(
     ema_decay: float,
     ema_warmup_steps: int | None = None,
     packable: Any = None,
-    nan_at_step: int = -1,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """Return the un-jitted update: (state, images [B,H,W,C] in [-1, 1]) -> (state, metrics).
 
     A non-finite loss or gradient leaves the state untouched, records the step in
     `nonfinite_step` and freezes every later update; the host loop checks that field before each
-    save and stops, so no broken state is ever checkpointed. `nan_at_step` injects a NaN into the
-    loss at that step (a test hook, set through gin). `ema_warmup_steps` None: the gin-bound
+    save and stops, so no broken state is ever checkpointed. `ema_warmup_steps` None: the gin-bound
     `EMAConfig.warmup_steps`. `tx`: see `jcdm.training.update.as_update`; `packable`: which
     parameter leaves the fused optimizer may pack (`update.replicated_leaves`; None = all).
     """
@@ -139,10 +137,7 @@ def make_train_step(
             cfg=cfg,
             total_steps=total_steps,
         )
-        # A factor, not a select: the NaN must reach the gradient and the logged loss, as a real
-        # overflow does (a select's gradient would ignore the NaN branch).
-        poison = jnp.where(step == nan_at_step, jnp.nan, 1.0)
-        return loss * poison, dict(metrics, loss=metrics["loss"] * poison)
+        return loss, metrics
 
     def train_step(state: TrainState, x: jax.Array):
         key = jax.random.fold_in(state.rng, state.step)

@@ -178,7 +178,6 @@ def build(
     ema_decay: float,
     steps_per_call: int = 1,
     unroll_steps: bool = False,
-    nan_at_step: int = -1,
     compile_update: bool = True,
 ) -> Built:
     """Mesh, input, model, sharding and update: everything but the loop (used by benchmarks)."""
@@ -228,7 +227,6 @@ def build(
             total_steps=total_steps,
             ema_decay=ema_decay,
             packable=update_lib.replicated_leaves(state_sh.params),
-            nan_at_step=nan_at_step,
         ),
         steps_per_call,
         unroll=unroll_steps,
@@ -311,8 +309,9 @@ def train(
     `steps_per_call` updates run inside one compiled call (a scan; `unroll_steps` unrolls it, for
     XLA:CPU, where a loop body's convolutions are slow). Sample grids and FID follow
     `EvalConfig` / `FIDConfig`, saves `CheckpointConfig`, stall detection `StallConfig`.
-    Test hooks: `nan_at_step` poisons the loss at that step; `test_fault` (see `faults.parse`)
-    hangs the main thread or raises at a step.
+    Test hooks: `nan_at_step` puts NaNs into the batch of that update (state.step), so its loss
+    and gradient are non-finite as after a real overflow, without changing the compiled
+    program; `test_fault` (see `faults.parse`) hangs the main thread or raises at a step.
 
     Errors: a deterministic problem found before the first step (configuration, data, mesh, a
     checkpoint that does not fit) raises `StartupError` (exit 2, not retried); anything after
@@ -336,7 +335,6 @@ def train(
             ema_decay=ema_decay,
             steps_per_call=steps_per_call,
             unroll_steps=unroll_steps,
-            nan_at_step=nan_at_step,
             compile_update=False,
         )
         data_it = built.data_it
@@ -395,6 +393,8 @@ def train(
         while step < num_steps:
             fault.at_boundary(step)
             local = np.stack([next(data_it)["image"] for _ in range(steps_per_call)])
+            if step <= nan_at_step < step + steps_per_call:
+                local[nan_at_step - step] = np.nan
             batch = built.put_batch(local if steps_per_call > 1 else local[0])
             with progress.on_device():
                 state, metrics = built.update(state, batch)

@@ -165,6 +165,7 @@ def _rules() -> dict[str, dict[str, Checker]]:
             "async_save": boolean,
             "background": boolean,
             "fid_metric": one_of("fid_1step", "fid_2step"),
+            "replica_parallel_min_bytes": NONNEG_INT,
         },
         "StallConfig": {
             "timeout_s": POS,
