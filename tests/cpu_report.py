@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import signal
 
 
 def main() -> None:
@@ -16,6 +17,7 @@ def main() -> None:
     p.add_argument("log")
     p.add_argument("--tests", action="store_true", help="one line per test, not per file")
     args = p.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the listing quietly
     cpu, wall = collections.Counter(), collections.Counter()
     with open(args.log) as f:
         for line in f:
