@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jcdm.runtime import checkpoint as ckpt_lib
@@ -80,6 +81,20 @@ def test_background_save_is_unaffected_by_donating_the_state_right_after(tmp_pat
             assert it.next_batch == step
     finally:
         ckpt.close()
+
+
+def test_the_array_handler_is_orbax_s_default_but_for_the_slice_threshold(tmp_path):
+    """CheckpointConfig.replica_parallel_min_bytes replaces Orbax's registered jax.Array handler;
+    the replacement must still write Orbax's per-array metadata (array_metadatas/)."""
+    ckpt = checkpointer(tmp_path, save_every=1, async_save=False, replica_parallel_min_bytes=4096)
+    try:
+        ckpt.save(1, make_state(0), FakeIterator(1), force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    assert list((tmp_path / "1" / "state").glob("array_metadatas/*")), os.listdir(tmp_path / "1")
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    assert handler._min_slice_bytes_for_replica_parallel == 4096
 
 
 @pytest.mark.parametrize("mode", ["background", "orbax_async", "sync"])

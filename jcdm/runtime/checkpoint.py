@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public alias (0.12.8)
 
 from jcdm.runtime import integrity, io, quiet_loops
 
@@ -127,10 +128,13 @@ class Checkpointer:
         self.cfg = cfg or CheckpointConfig()
         # Orbax looks array handlers up in a process-wide registry (StandardSave has no
         # per-call option for this); one Checkpointer per process, so the override is its own.
+        # Orbax's default handler, with only the slice threshold changed (the array metadata
+        # store is what its registry's default has; without it no per-array metadata is saved).
         ocp.type_handlers.register_type_handler(
             jax.Array,
             ocp.type_handlers.ArrayHandler(
-                min_slice_bytes_for_replica_parallel=self.cfg.replica_parallel_min_bytes
+                array_metadata_store=array_metadata_store.Store(),
+                min_slice_bytes_for_replica_parallel=self.cfg.replica_parallel_min_bytes,
             ),
             override=True,
         )
