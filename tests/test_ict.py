@@ -39,6 +39,8 @@ def test_curriculum_is_exact_without_int32_overflow():
         exact = [ict.num_scales(int(k), total_steps) for k in steps]
         assert traced.tolist() == exact
         assert exact[-1] == (11 if total_steps == 10**12 else 1281)
+    # The Python-int path stops doubling at s1 too: 2^(10^15 // K') would never finish.
+    assert ict.num_scales(10**15, 8) == 1281
 
 
 @pytest.mark.parametrize("n", [11, 81, 1281])

@@ -57,16 +57,17 @@ def num_scales(step, total_steps: int = TOTAL_STEPS, s0: int = S0, s1: int = S1)
     `step` may be a Python int (returns int) or a traced integer array (returns int32).
     """
     period = curriculum_period(total_steps, s0, s1)
+    # Past this many doublings s0 2^d >= s1 already: a larger d would overflow int32, and as a
+    # Python int 2^d of a late step of a short curriculum has billions of digits.
+    max_doublings = (s1 // s0).bit_length() + 1
     if isinstance(step, (int, np.integer)):
-        step = int(step)
-        return min(s0 * 2 ** (step // period), s1) + 1
+        return min(s0 * 2 ** min(int(step) // period, max_doublings), s1) + 1
     step = jnp.asarray(step)
     if period > jnp.iinfo(step.dtype).max:
         # No step of this dtype reaches the first doubling; the division would not even fit.
         doublings = jnp.zeros_like(step)
     else:
-        # Past this many doublings s0 2^d >= s1 already; a larger d would overflow int32.
-        doublings = jnp.minimum(step // period, (s1 // s0).bit_length() + 1)
+        doublings = jnp.minimum(step // period, max_doublings)
     return (jnp.minimum(s0 * 2 ** doublings.astype(jnp.int32), s1) + 1).astype(jnp.int32)
 
 
