@@ -12,13 +12,8 @@ import pytest
 
 # XLA:CPU's LLVM optimisation dominates compile time here (a tiny train step: 82 s at the default
 # level, 34 s at level 0, same step time); tests trade run-time speed for compile speed.
-# Single-threaded Eigen: the two pytest workers keep both cores busy, and a 2-process x 2-device
-# run's threads otherwise contend for them: its smoke steps run 1.7x faster (29 vs 17 img/s)
-# for 15 % less CPU; one-device runs are unchanged (tests/README.md, "Suite timings").
 os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    " --xla_cpu_multi_thread_eigen=false",
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -36,10 +31,9 @@ if REPO not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
 
 
-# The most expensive files, most expensive first (CPU seconds with a cold compile cache,
-# tests/README.md "Suite timings"): the slow tier's, then the fast tier's. Under pytest-xdist
-# (tests/run.sh: two workers, one file each at a time, in this order) a long file that started
-# last would run alone at the end; the other files, short, fill the cores at the end.
+# The slow tier's most expensive files, most expensive first (CPU seconds with a cold compile
+# cache, tests/README.md "Suite timings"). Under pytest-xdist (tests/run.sh: two workers, one
+# file each at a time, in this order) a long file that started last would run alone at the end.
 HEAVY_FIRST = (
     "test_sample_quality.py",
     "test_checkpoint.py",  # before test_multihost.py: it compiles their shared FSDP program
@@ -51,17 +45,6 @@ HEAVY_FIRST = (
     "test_train.py",
     "test_stall.py",
     "test_workdir_owner.py",
-    "test_update.py",
-    "test_objective.py",
-    "test_fid_sharding.py",
-    "test_models.py",
-    "test_fid_inception.py",
-    "test_infra.py",
-    "test_fid_stats_tool.py",
-    "test_benchmark.py",
-    "test_study.py",
-    "test_exit_codes.py",
-    "test_costs.py",
 )
 
 

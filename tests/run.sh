@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; .ci/run runs it with no arguments).
 #
-#   bash tests/run.sh               install the test extras, lint, then every test (both tiers
-#                                   in one pytest session, the most expensive files first)
+#   bash tests/run.sh               install the test extras, lint, the fast tier (stops at the
+#                                   first failure), then the slow tier
 #   bash tests/run.sh --fast        install, lint, the fast tier only (math, models, mesh rules,
 #                                   data, FID units, config errors, launchers; ~2 minutes)
 #   bash tests/run.sh --slow        install, the slow tier only (trainer processes, multi-host,
@@ -41,11 +41,8 @@ if [[ $tier != slow ]]; then
 fi
 # Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a module
 # fixture's runs happen once). A 2-core machine is otherwise half idle: compiles, imports and
-# the fault tests' waits use one core. The slow tier and the whole suite keep
-# tests/conftest.py's order (the most expensive files first) so that no long file starts last;
-# the whole suite runs as one session so that the fast tier's many short files fill the cores
-# beside the long ones (two sessions, fast then slow, idled one core at the end of each).
-# JCDM_TEST_WORKERS=0: one process.
+# the fault tests' waits use one core. The slow tier keeps tests/conftest.py's order (its most
+# expensive files first) so that no long file starts last. JCDM_TEST_WORKERS=0: one process.
 workers=${JCDM_TEST_WORKERS:-2}
 par=() slow_par=()
 if ((workers > 0)); then
@@ -57,17 +54,11 @@ if ((workers > 0)); then
   par=(-n "$workers" --dist loadfile)
   slow_par=("${par[@]}" --no-loadscope-reorder)
 fi
-case $tier in
-  fast)
-    echo "== fast tier: pytest -m 'not slow'" >&2
-    python -m pytest -q -x -m "not slow" "${par[@]}" "${extra[@]}"
-    ;;
-  slow)
-    echo "== slow tier: pytest -m slow" >&2
-    python -m pytest -q -m slow "${slow_par[@]}" "${extra[@]}"
-    ;;
-  all)
-    echo "== every test, both tiers: pytest" >&2
-    python -m pytest -q "${slow_par[@]}" "${extra[@]}"
-    ;;
-esac
+if [[ $tier != slow ]]; then
+  echo "== fast tier: pytest -m 'not slow'" >&2
+  python -m pytest -q -x -m "not slow" "${par[@]}" "${extra[@]}"
+fi
+if [[ $tier != fast ]]; then
+  echo "== slow tier: pytest -m slow" >&2
+  python -m pytest -q -m slow "${slow_par[@]}" "${extra[@]}"
+fi
