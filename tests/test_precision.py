@@ -52,9 +52,8 @@ def test_float32_results_do_not_depend_on_steps_per_call(tmp_path):
         r = run_trainer(args)
         assert r.returncode == 0, r.stderr
         rows[spc, unroll] = read_metrics(str(workdir))
-    want = rows[1, False]
-    for got in (rows[2, True],):
-        assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
-        for a, b in zip(want, got, strict=True):
-            for key in ("loss", "loss_ct", "loss_dsm", "grad_norm", "sigma_mean", "num_scales"):
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+    want, got = rows[1, False], rows[2, True]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for a, b in zip(want, got, strict=True):
+        for key in ("loss", "loss_ct", "loss_dsm", "grad_norm", "sigma_mean", "num_scales"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)

@@ -7,10 +7,10 @@ quality test's threshold"): the worst joint seed at step STEPS times MARGIN.
 The twin differs from the trained run only in its data, so every program of it (init, train
 step, sampler, the digits classifier) is the trained run's: it starts once the trained run has
 written its train step to the compile cache and compiles no train step (asserted), and the
-trained run then loads the samplers the twin compiled. Alone on the idle 2-core machine with an
-empty cache: 232 CPU-s and 2m24s, against 249 CPU-s for a twin with a learning rate of 1e-12
-(the learning rate is a constant of the train step: a second compile) and 291 CPU-s for that
-twin at the suite's fast-compile XLA level (no program shared at all). The twin runs
+trained run then loads the samplers the twin compiled: one default-level train-step compile
+(40-60 s) fewer than with the earlier twin, a learning rate of 1e-12 (a constant of the train
+step, so a program of its own). Alone on the idle 2-core machine with an empty cache: 232 and
+290 CPU-s in two runs (the machine's speed varies ~25%, tests/README.md). The twin runs
 TWIN_STEPS steps: from the initialisation, with EMA 0.99, its samples stay the untrained
 model's.
 """
