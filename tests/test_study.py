@@ -131,3 +131,34 @@ def test_report_tables_and_plot(tmp_path):
     md = (tmp_path / "out.md").read_text()
     assert "| vanilla | 3 |" in md and "-10.00, -10.00, -10.00" in md
     assert (tmp_path / "out.png").stat().st_size > 10_000
+
+
+def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
+    """A metric that still falls 20% over the last quarter is not flat; one that moves by
+    noise of +-2% around a constant is; the Markdown says which."""
+    from tools.studylib import report
+
+    plan = study.make_plan(_args(root=str(tmp_path), steps=800, evals=8))
+    assert plan["eval_steps"][-1] == 800
+    evals = {}
+    for seed, wobble in zip(plan["seeds"], (0.02, -0.01, 0.015)):
+        for arm, fn in (
+            ("joint", lambda s: 100.0 * (1.0 - 0.2 * max(0.0, (s - 600) / 200))),  # -20% at the end
+            ("ict", lambda s, w=wobble: 50.0 * (1.0 + (w if s == 800 else 0.0))),  # flat
+        ):
+            evals[(arm, seed)] = {
+                str(s): {
+                    smp: {"fd": fn(s), "classes": 10, "evenness": 0.9, "nn_rms": 0.3}
+                    for smp in ("1step", "2step")
+                }
+                for s in plan["eval_steps"]
+            }
+    flat = report.flatness(report.collect(plan, evals), key="fd")
+    assert (flat["from_step"], flat["to_step"]) == (600, 800)
+    assert flat["arms"]["joint"]["1step"]["mean"] == pytest.approx(-0.2)
+    assert not flat["arms"]["joint"]["1step"]["flat"]
+    ict = flat["arms"]["ict"]["2step"]
+    assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and ict["flat"]
+    md = report.markdown(report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3))
+    assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | no |" in md
+    assert "| ict | 1step | +2.0%, -1.0%, +1.5% |" in md and md.rstrip().endswith("yes |")

@@ -45,6 +45,7 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     final = plan["eval_steps"][-1]
     arms = [a for a in plan["arms"] if result["runs"].get(a)]
     summary: dict = {"final_step": final, "metric": key, "arms": {}, "paired": {}}
+    summary["flatness"] = flatness(result, key=key)
     for arm in arms:
         entry = {}
         for smp in SAMPLERS:
@@ -76,6 +77,44 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
                     "high": hi,
                 }
     return summary
+
+
+# "Flat": over the last quarter of the run the metric moved by less than FLAT_TOLERANCE
+# (relative) on average over seeds, and the 95% interval of that mean change contains 0. One
+# 500-sample evaluation moves by 10-15% between neighbouring checkpoints (docs/results.md), so a
+# single run cannot tell a plateau from a slope: the mean over seeds can.
+FLAT_TOLERANCE = 0.05
+
+
+def flatness(result: dict, *, key: str, fraction: float = 0.25) -> dict:
+    """Per arm and sampler: the relative change of `key` from the evaluation point nearest
+    (1 - fraction) of the run to the last, per seed, with the mean's bootstrap interval, and
+    whether that counts as flat (FLAT_TOLERANCE)."""
+    steps = result["plan"]["eval_steps"]
+    final = steps[-1]
+    start = (
+        min(steps[:-1], key=lambda s: abs(s - (1 - fraction) * final)) if len(steps) > 1 else None
+    )
+    out: dict = {"from_step": start, "to_step": final, "tolerance": FLAT_TOLERANCE, "arms": {}}
+    if start is None:
+        return out
+    for arm, runs in result["runs"].items():
+        if not runs:
+            continue
+        out["arms"][arm] = {}
+        for smp in SAMPLERS:
+            a = _series(result, arm, key, smp, start)
+            b = _series(result, arm, key, smp, final)
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            rel = [b[s] / a[s] - 1.0 for s in seeds]
+            m, lo, hi = stats.bootstrap_ci(rel)
+            flat = abs(m) < FLAT_TOLERANCE and lo <= 0.0 <= hi
+            out["arms"][arm][smp] = {
+                "seeds": seeds, "changes": rel, "mean": m, "low": lo, "high": hi, "flat": flat
+            }  # fmt: skip
+    return out
 
 
 def _pairs(plan: dict, other: str, ratio: float) -> list[tuple[str, int, int]]:
@@ -120,6 +159,24 @@ def markdown(summary: dict, *, baseline_note: str = "") -> str:
         label, smp = name.rsplit(" ", 1)
         diffs = ", ".join(f"{x:+.2f}" for x in p["diffs"])
         lines.append(f"| {label} | {smp} | {diffs} | {_fmt(p['mean'], p['low'], p['high'])} |")
+    flat = summary.get("flatness", {})
+    if flat.get("arms"):
+        lines += [
+            "",
+            f"Has the metric flattened? Relative change of {key} from step {flat['from_step']} to "
+            f"step {flat['to_step']} per seed, mean with a 95% percentile-bootstrap interval; flat "
+            f"when the mean is within +-{flat['tolerance']:.0%} and the interval contains 0:",
+            "",
+            "| arm | sampler | per-seed change | mean [95% CI] | flat |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, by_smp in flat["arms"].items():
+            for smp, f in by_smp.items():
+                changes = ", ".join(f"{x:+.1%}" for x in f["changes"])
+                span = f"{f['mean']:+.1%} [{f['low']:+.1%}, {f['high']:+.1%}]"
+                lines.append(
+                    f"| {arm} | {smp} | {changes} | {span} | {'yes' if f['flat'] else 'no'} |"
+                )
     return "\n".join(lines) + "\n"
 
 
