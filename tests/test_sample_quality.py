@@ -9,8 +9,8 @@ step, sampler, the digits classifier) is the trained run's: it starts once the t
 written its train step to the compile cache and compiles no train step (asserted), and the
 trained run then loads the samplers the twin compiled: one default-level train-step compile
 (40-60 s) fewer than with the earlier twin, a learning rate of 1e-12 (a constant of the train
-step, so a program of its own). Alone on the idle 2-core machine with an empty cache: 232 and
-290 CPU-s in two runs (the machine's speed varies ~25%, tests/README.md). The twin runs
+step, so a program of its own). Alone on an idle 2-core machine with an empty cache: 1m21s,
+133 CPU-s (2026-12-07; 232-290 CPU-s on the slower box before, tests/README.md). The twin runs
 TWIN_STEPS steps: from the initialisation, with EMA 0.99, its samples stay the untrained
 model's.
 """
