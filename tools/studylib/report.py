@@ -32,6 +32,16 @@ def _series(result: dict, arm: str, key: str, sampler: str, step: int) -> dict[i
     return out
 
 
+def _matched(
+    result: dict, key: str, sampler: str, first: tuple[str, int], second: tuple[str, int]
+) -> tuple[list[int], list[float], list[float]]:
+    """The seeds that have both (arm, step) points, and their values at each, seed by seed."""
+    a = _series(result, first[0], key, sampler, first[1])
+    b = _series(result, second[0], key, sampler, second[1])
+    seeds = sorted(set(a) & set(b))
+    return seeds, [a[s] for s in seeds], [b[s] for s in seeds]
+
+
 def _fmt(m: float, lo: float, hi: float, digits: int = 2) -> str:
     if math.isnan(lo):
         return f"{m:.{digits}f}"
@@ -60,12 +70,10 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     for other in (a for a in arms if a != baseline):
         for label, s_base, s_other in _pairs(plan, other, ratio):
             for smp in SAMPLERS:
-                a = _series(result, baseline, key, smp, s_base)
-                b = _series(result, other, key, smp, s_other)
-                seeds = sorted(set(a) & set(b))
+                seeds, a, b = _matched(result, key, smp, (baseline, s_base), (other, s_other))
                 if not seeds:
                     continue
-                d = [a[s] - b[s] for s in seeds]
+                d = [x - y for x, y in zip(a, b)]
                 m, lo, hi = stats.bootstrap_ci(d)
                 summary["paired"][f"{baseline}-{other} {label} {smp}"] = {
                     "baseline_step": s_base,
@@ -103,12 +111,10 @@ def flatness(result: dict, *, key: str, fraction: float = 0.25) -> dict:
             continue
         out["arms"][arm] = {}
         for smp in SAMPLERS:
-            a = _series(result, arm, key, smp, start)
-            b = _series(result, arm, key, smp, final)
-            seeds = sorted(set(a) & set(b))
+            seeds, a, b = _matched(result, key, smp, (arm, start), (arm, final))
             if not seeds:
                 continue
-            rel = [b[s] / a[s] - 1.0 for s in seeds]
+            rel = [y / x - 1.0 for x, y in zip(a, b)]
             m, lo, hi = stats.bootstrap_ci(rel)
             flat = abs(m) < FLAT_TOLERANCE and lo <= 0.0 <= hi
             out["arms"][arm][smp] = {
