@@ -134,8 +134,9 @@ def test_report_tables_and_plot(tmp_path):
 
 
 def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
-    """A metric that still falls 20% over the last evaluation interval is not flat; one that
-    moves by noise of +-2% around a constant is; the Markdown says which."""
+    """A metric that still falls 20% over the last evaluation interval is still falling; one
+    that moves by noise of +-2% around a constant is not, nor is one that rises by 10%; the
+    Markdown says which."""
     from tools.studylib import report
 
     plan = study.make_plan(_args(root=str(tmp_path), steps=800, evals=8))
@@ -145,6 +146,7 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
         for arm, fn in (
             ("joint", lambda s: 100.0 * (0.8 if s == 800 else 1.0)),  # -20% at the end
             ("ict", lambda s, w=wobble: 50.0 * (1.0 + (w if s == 800 else 0.0))),  # flat
+            ("vanilla", lambda s: 40.0 * (1.1 if s == 800 else 1.0)),  # +10%: no fall
         ):
             evals[(arm, seed)] = {
                 str(s): {
@@ -156,9 +158,11 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
     flat = report.flatness(report.collect(plan, evals), key="fd")
     assert (flat["from_step"], flat["to_step"]) == (700, 800)
     assert flat["arms"]["joint"]["1step"]["mean"] == pytest.approx(-0.2)
-    assert not flat["arms"]["joint"]["1step"]["flat"]
+    assert flat["arms"]["joint"]["1step"]["falling"] and not flat["arms"]["joint"]["1step"]["flat"]
     ict = flat["arms"]["ict"]["2step"]
-    assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and ict["flat"]
+    assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and not ict["falling"]
+    assert not flat["arms"]["vanilla"]["1step"]["falling"]
     md = report.markdown(report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3))
-    assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | no |" in md
-    assert "| ict | 1step | +2.0%, -1.0%, +1.5% |" in md and md.rstrip().endswith("yes |")
+    assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | yes |" in md
+    assert "| ict | 1step | +2.0%, -1.0%, +1.5% | +0.8% [" in md
+    assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | no |" in md

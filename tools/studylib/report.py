@@ -87,20 +87,21 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     return summary
 
 
-# "Flat": over the last evaluation interval the metric moved by less than FLAT_TOLERANCE
-# (relative) on average over seeds, and the 95% interval of that mean change contains 0. One
-# 500-sample evaluation moves by 10-15% between neighbouring checkpoints (docs/results.md), so a
-# single run cannot tell a plateau from a slope: the mean over seeds can. The last interval, not
-# a fixed fraction of the run: the curriculum doubles N(k) every K' steps and each doubling
-# drops the metric (docs/results.md), so a window that spans the last doubling measures that
-# drop, not whether more steps at the final N still help.
+# "Still falling": over the last evaluation interval the metric fell by more than
+# FLAT_TOLERANCE (relative) on average over seeds, or the 95% interval of that mean change lies
+# below 0. Otherwise the run was long enough: more steps at its settings no longer lower the
+# metric (a rise counts as no fall). One 500-sample evaluation moves by 10-15% between
+# neighbouring checkpoints (docs/results.md), so a single run cannot tell a plateau from a slope:
+# the mean over seeds can. The last interval, not a fixed fraction of the run: the curriculum
+# doubles N(k) every K' steps and each doubling drops the metric (docs/results.md), so a window
+# that spans the last doubling measures that drop, not whether more steps at the final N help.
 FLAT_TOLERANCE = 0.05
 
 
 def flatness(result: dict, *, key: str) -> dict:
     """Per arm and sampler: the relative change of `key` from the second-to-last evaluation
-    point to the last, per seed, with the mean's bootstrap interval, and whether that counts as
-    flat (FLAT_TOLERANCE)."""
+    point to the last, per seed, with the mean's bootstrap interval, and whether the metric is
+    still falling there (FLAT_TOLERANCE; `flat` is the opposite)."""
     steps = result["plan"]["eval_steps"]
     start, final = (steps[-2], steps[-1]) if len(steps) > 1 else (None, steps[-1])
     out: dict = {"from_step": start, "to_step": final, "tolerance": FLAT_TOLERANCE, "arms": {}}
@@ -116,9 +117,10 @@ def flatness(result: dict, *, key: str) -> dict:
                 continue
             rel = [y / x - 1.0 for x, y in zip(a, b)]
             m, lo, hi = stats.bootstrap_ci(rel)
-            flat = abs(m) < FLAT_TOLERANCE and lo <= 0.0 <= hi
+            falling = m <= -FLAT_TOLERANCE or hi < 0.0
             out["arms"][arm][smp] = {
-                "seeds": seeds, "changes": rel, "mean": m, "low": lo, "high": hi, "flat": flat
+                "seeds": seeds, "changes": rel, "mean": m, "low": lo, "high": hi,
+                "falling": falling, "flat": not falling,
             }  # fmt: skip
     return out
 
@@ -170,10 +172,11 @@ def markdown(summary: dict, *, baseline_note: str = "") -> str:
         lines += [
             "",
             f"Has the metric flattened? Relative change of {key} from step {flat['from_step']} to "
-            f"step {flat['to_step']} per seed, mean with a 95% percentile-bootstrap interval; flat "
-            f"when the mean is within +-{flat['tolerance']:.0%} and the interval contains 0:",
+            f"step {flat['to_step']} per seed, mean with a 95% percentile-bootstrap interval; "
+            f"still falling when the mean is below -{flat['tolerance']:.0%} or the whole "
+            "interval is below 0:",
             "",
-            "| arm | sampler | per-seed change | mean [95% CI] | flat |",
+            "| arm | sampler | per-seed change | mean [95% CI] | still falling |",
             "|---|---|---|---|---|",
         ]
         for arm, by_smp in flat["arms"].items():
@@ -181,7 +184,7 @@ def markdown(summary: dict, *, baseline_note: str = "") -> str:
                 changes = ", ".join(f"{x:+.1%}" for x in f["changes"])
                 span = f"{f['mean']:+.1%} [{f['low']:+.1%}, {f['high']:+.1%}]"
                 lines.append(
-                    f"| {arm} | {smp} | {changes} | {span} | {'yes' if f['flat'] else 'no'} |"
+                    f"| {arm} | {smp} | {changes} | {span} | {'yes' if f['falling'] else 'no'} |"
                 )
     return "\n".join(lines) + "\n"
 
