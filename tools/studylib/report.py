@@ -90,7 +90,7 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
 # "Still falling": over the last evaluation interval the metric fell by more than
 # FLAT_TOLERANCE (relative) on average over seeds, or the 95% interval of that mean change lies
 # below 0. Otherwise the run was long enough: more steps at its settings no longer lower the
-# metric (a rise counts as no fall). One 500-sample evaluation moves by 10-15% between
+# metric (a rise counts as no fall). One 500-sample evaluation moves by 10-40% between
 # neighbouring checkpoints (docs/results.md), so a single run cannot tell a plateau from a slope:
 # the mean over seeds can. The last interval, not a fixed fraction of the run: the curriculum
 # doubles N(k) every K' steps and each doubling drops the metric (docs/results.md), so a window
