@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -133,20 +135,25 @@ def test_report_tables_and_plot(tmp_path):
     assert (tmp_path / "out.png").stat().st_size > 10_000
 
 
-def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
-    """A metric that still falls 20% over the last evaluation interval is still falling; one
-    that moves by noise of +-2% around a constant is not, nor is one that rises by 10%; the
-    Markdown says which."""
+def test_flatness_tells_a_plateau_from_a_slope(tmp_path, repo):
+    """Over the last quarter of the run: a 20% fall is falling; noise of +-2% around a constant
+    is flat, so is a 10% rise and a sure but small decline (2%); a drop before the window does
+    not count; seeds that disagree around -5% leave it undetermined. The Markdown says which."""
     from tools.studylib import report
 
     plan = study.make_plan(_args(root=str(tmp_path), steps=800, evals=8))
+    for extra in ("slow", "noisy"):
+        plan["arms"][extra] = plan["arms"]["ict"]
     assert plan["eval_steps"][-1] == 800
     evals = {}
-    for seed, wobble in zip(plan["seeds"], (0.02, -0.01, 0.015)):
+    for seed, wobble, noisy in zip(plan["seeds"], (0.02, -0.01, 0.015), (-0.15, 0.05, -0.05)):
         for arm, fn in (
             ("joint", lambda s: 100.0 * (0.8 if s == 800 else 1.0)),  # -20% at the end
-            ("ict", lambda s, w=wobble: 50.0 * (1.0 + (w if s == 800 else 0.0))),  # flat
+            # +-2% at the end, after a halving at step 300, before the last quarter
+            ("ict", lambda s, w=wobble: 50.0 * (2.0 if s <= 300 else 1.0 + (w if s == 800 else 0))),
             ("vanilla", lambda s: 40.0 * (1.1 if s == 800 else 1.0)),  # +10%: no fall
+            ("slow", lambda s: 30.0 * 0.98 ** ((s - 600) / 200)),  # -2% over the quarter
+            ("noisy", lambda s, w=noisy: 20.0 * (1.0 + (w if s == 800 else 0.0))),
         ):
             evals[(arm, seed)] = {
                 str(s): {
@@ -156,13 +163,31 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path):
                 for s in plan["eval_steps"]
             }
     flat = report.flatness(report.collect(plan, evals), key="fd")
-    assert (flat["from_step"], flat["to_step"]) == (700, 800)
-    assert flat["arms"]["joint"]["1step"]["mean"] == pytest.approx(-0.2)
-    assert flat["arms"]["joint"]["1step"]["falling"] and not flat["arms"]["joint"]["1step"]["flat"]
+    assert flat["window"] == [600, 700, 800] and (flat["from_step"], flat["to_step"]) == (600, 800)
+    joint = flat["arms"]["joint"]["1step"]
+    assert joint["mean"] == pytest.approx(-0.2) and joint["last_interval"]["mean"] == pytest.approx(
+        -0.2
+    )
+    assert joint["verdict"] == "falling" and joint["falling"] and not joint["flat"]
     ict = flat["arms"]["ict"]["2step"]
-    assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and not ict["falling"]
-    assert not flat["arms"]["vanilla"]["1step"]["falling"]
+    assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and ict["verdict"] == "flat"
+    assert flat["arms"]["vanilla"]["1step"]["verdict"] == "flat"
+    slow = flat["arms"]["slow"]["1step"]
+    assert slow["mean"] == pytest.approx(-0.02) and slow["verdict"] == "flat"
+    assert slow["last_interval"]["mean"] == pytest.approx(0.98**0.5 - 1)
+    noisy = flat["arms"]["noisy"]["1step"]
+    assert noisy["mean"] == pytest.approx(-0.05) and noisy["verdict"] == "undetermined"
     md = report.markdown(report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3))
-    assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | yes |" in md
+    assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | falling |" in md
     assert "| ict | 1step | +2.0%, -1.0%, +1.5% | +0.8% [" in md
-    assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | no |" in md
+    assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | flat |" in md
+    assert "| noisy | 2step | -15.0%, +5.0%, -5.0% | -5.0% [" in md and "undetermined" in md
+
+    # A study whose workdirs are gone: its JSON alone gives the same report again.
+    study.write_report(report.collect(plan, evals), str(tmp_path / "first"))
+    cmd = [sys.executable, os.path.join(repo, "tools", "study.py"), "--from-json"]
+    subprocess.run([*cmd, str(tmp_path / "first.json"), "--out", str(tmp_path / "again")],
+                   check=True, capture_output=True, cwd=repo)  # fmt: skip
+    again = (tmp_path / "again.md").read_text()
+    assert again == (tmp_path / "first.md").read_text() and "| noisy | 2step |" in again
+    assert (tmp_path / "again.png").stat().st_size > 10_000

@@ -19,6 +19,8 @@ Per seed, every arm gets the same `train.seed`: the same backbone initialisation
 init key is split off separately), the same data order and the same lr / EMA / batch, since arms
 differ only in their gin file and bindings. Arms: `--arm NAME=GIN[:BINDING;BINDING...]`.
 `--dry-run` prints the plan, each run's state and the projected cost, and runs nothing.
+`--from-json <out>.json --out PREFIX` writes the report again from a study's JSON alone (its plan
+and every per-run number), for a study whose workdirs are gone.
 """
 
 from __future__ import annotations
@@ -220,6 +222,16 @@ def dry_run(plan: dict, step_jsons: list[str], dtype: str) -> None:
         print(f"the study ({n_seeds} seeds per arm) on 8x H200: {total:,.0f} GPU-hours")
 
 
+def write_report(result: dict, out: str | None) -> None:
+    plan = result["plan"]
+    key = "fd" if plan["metric"] == "digits" else "fid"
+    summary = report.summarize(result, key=key, ratio=plan["joint_cost"])
+    prefix = Path(out or os.path.join(plan["root"], "study"))
+    report.write(result, summary, prefix, title=f"study: {plan['preset']}, {plan['metric']} metric")
+    print(report.markdown(summary))
+    print(f"wrote {prefix}.json, .png, .md")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="digits")
@@ -242,7 +254,12 @@ def main() -> None:
         "--step-json", action="append", default=[], help="bench/step.py result(s) for costs"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--from-json", default=None, help="a study's .json: report from it alone")
     args = p.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        write_report({"plan": result["plan"], "runs": result["runs"]}, args.out)
+        return
     plan = make_plan(args)
     if plan["metric"] == "inception" and not plan["fid_stats"]:
         raise SystemExit("the inception metric needs --fid-stats (a file from tools/fid_stats.py)")
@@ -264,13 +281,7 @@ def main() -> None:
                 rows = json.loads(path.read_text())
                 if all(str(s) in rows for s in plan["eval_steps"]):
                     evals[(arm, seed)] = rows
-    result = report.collect(plan, evals)
-    key = "fd" if plan["metric"] == "digits" else "fid"
-    summary = report.summarize(result, key=key, ratio=plan["joint_cost"])
-    out = Path(args.out or os.path.join(plan["root"], "study"))
-    report.write(result, summary, out, title=f"study: {plan['preset']}, {plan['metric']} metric")
-    print(report.markdown(summary))
-    print(f"wrote {out}.json, .png, .md")
+    write_report(report.collect(plan, evals), args.out)
     if not args.report_only and errors:
         sys.exit(1)
 

@@ -53,7 +53,9 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     steps and at equal compute) and the secondary numbers (classes, evenness, nn distance)."""
     plan = result["plan"]
     final = plan["eval_steps"][-1]
-    arms = [a for a in plan["arms"] if result["runs"].get(a)]
+    # The baseline first, the rest in the plan's order (a JSON written before keys kept their
+    # order has them sorted).
+    arms = sorted((a for a in plan["arms"] if result["runs"].get(a)), key=lambda a: a != baseline)
     summary: dict = {"final_step": final, "metric": key, "arms": {}, "paired": {}}
     summary["flatness"] = flatness(result, key=key)
     for arm in arms:
@@ -87,40 +89,63 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     return summary
 
 
-# "Still falling": over the last evaluation interval the metric fell by more than
-# FLAT_TOLERANCE (relative) on average over seeds, or the 95% interval of that mean change lies
-# below 0. Otherwise the run was long enough: more steps at its settings no longer lower the
-# metric (a rise counts as no fall). One 500-sample evaluation moves by 10-40% between
-# neighbouring checkpoints (docs/results.md), so a single run cannot tell a plateau from a slope:
-# the mean over seeds can. The last interval, not a fixed fraction of the run: the curriculum
-# doubles N(k) every K' steps and each doubling drops the metric (docs/results.md), so a window
-# that spans the last doubling measures that drop, not whether more steps at the final N help.
+# Has the metric flattened? Per seed, a least-squares line through log(metric) over the
+# evaluations in the last quarter of the run gives the relative change across that quarter; the
+# mean over seeds has a percentile-bootstrap interval. "flat": the whole interval lies above
+# -FLAT_TOLERANCE (more steps at these settings would buy less than 5% per quarter of the run, a
+# rise counting as no gain); "falling": it lies below; "undetermined" otherwise (too noisy to
+# say). A fit over several points because one 500-sample evaluation moves by 10-40% between
+# neighbouring checkpoints (docs/results.md), and a tolerance rather than "below 0" because a
+# curve that approaches its asymptote falls forever by ever smaller amounts. Under iCT's
+# K = num_steps the last quarter begins at the final doubling of N(k), whose drop then counts:
+# such a run has not flattened; with train.curriculum_steps < num_steps it measures training at
+# the final N. The last interval's change alone is reported beside it.
 FLAT_TOLERANCE = 0.05
 
 
+def _fitted_change(steps: list[int], values: list[float]) -> float:
+    """exp(slope * span) - 1 for the least-squares line through (step, log value)."""
+    slope = np.polyfit(np.asarray(steps, np.float64), np.log(values), 1)[0]
+    return math.expm1(slope * (steps[-1] - steps[0]))
+
+
 def flatness(result: dict, *, key: str) -> dict:
-    """Per arm and sampler: the relative change of `key` from the second-to-last evaluation
-    point to the last, per seed, with the mean's bootstrap interval, and whether the metric is
-    still falling there (FLAT_TOLERANCE; `flat` is the opposite)."""
+    """Per arm and sampler: the fitted relative change of `key` over the last quarter of the run
+    per seed, its mean with a bootstrap interval, the verdict (FLAT_TOLERANCE; `verdict` is
+    'flat', 'falling' or 'undetermined'), and the change over the last interval alone."""
     steps = result["plan"]["eval_steps"]
-    start, final = (steps[-2], steps[-1]) if len(steps) > 1 else (None, steps[-1])
-    out: dict = {"from_step": start, "to_step": final, "tolerance": FLAT_TOLERANCE, "arms": {}}
-    if start is None:
+    final = steps[-1]
+    window = [s for s in steps if s >= final - final // 4]
+    if len(window) < 2:  # the last quarter holds one point: fall back on the last interval
+        window = steps[-2:]
+    out: dict = {
+        "from_step": window[0], "to_step": final, "window": window,
+        "tolerance": FLAT_TOLERANCE, "arms": {},
+    }  # fmt: skip
+    if len(window) < 2:
         return out
     for arm, runs in result["runs"].items():
         if not runs:
             continue
         out["arms"][arm] = {}
         for smp in SAMPLERS:
-            seeds, a, b = _matched(result, key, smp, (arm, start), (arm, final))
+            series = [_series(result, arm, key, smp, s) for s in window]
+            seeds = sorted(set.intersection(*(set(x) for x in series)))
             if not seeds:
                 continue
-            rel = [y / x - 1.0 for x, y in zip(a, b)]
-            m, lo, hi = stats.bootstrap_ci(rel)
-            falling = m <= -FLAT_TOLERANCE or hi < 0.0
+            fitted = [_fitted_change(window, [x[seed] for x in series]) for seed in seeds]
+            last = [series[-1][seed] / series[-2][seed] - 1.0 for seed in seeds]
+            m, lo, hi = stats.bootstrap_ci(fitted)
+            verdict = (
+                "flat" if lo > -FLAT_TOLERANCE
+                else "falling" if hi < -FLAT_TOLERANCE
+                else "undetermined"
+            )  # fmt: skip
             out["arms"][arm][smp] = {
-                "seeds": seeds, "changes": rel, "mean": m, "low": lo, "high": hi,
-                "falling": falling, "flat": not falling,
+                "seeds": seeds, "changes": fitted, "mean": m, "low": lo, "high": hi,
+                "verdict": verdict, "flat": verdict == "flat", "falling": verdict == "falling",
+                "last_interval": {"from_step": window[-2], "changes": last,
+                                  "mean": float(np.mean(last))},
             }  # fmt: skip
     return out
 
@@ -171,20 +196,23 @@ def markdown(summary: dict, *, baseline_note: str = "") -> str:
     if flat.get("arms"):
         lines += [
             "",
-            f"Has the metric flattened? Relative change of {key} from step {flat['from_step']} to "
-            f"step {flat['to_step']} per seed, mean with a 95% percentile-bootstrap interval; "
-            f"still falling when the mean is below -{flat['tolerance']:.0%} or the whole "
-            "interval is below 0:",
+            f"Has the metric flattened? Relative change of {key} over the last quarter of the run "
+            f"(steps {flat['from_step']}-{flat['to_step']}, a least-squares line through log "
+            f"{key} at {len(flat['window'])} evaluations) per seed, mean with a 95% percentile-"
+            f"bootstrap interval; flat when the whole interval is above -{flat['tolerance']:.0%}, "
+            f"falling when it is below, undetermined otherwise. The last interval alone beside it:",
             "",
-            "| arm | sampler | per-seed change | mean [95% CI] | still falling |",
-            "|---|---|---|---|---|",
+            "| arm | sampler | per-seed change | mean [95% CI] | verdict | last interval, mean |",
+            "|---|---|---|---|---|---|",
         ]
         for arm, by_smp in flat["arms"].items():
             for smp, f in by_smp.items():
                 changes = ", ".join(f"{x:+.1%}" for x in f["changes"])
                 span = f"{f['mean']:+.1%} [{f['low']:+.1%}, {f['high']:+.1%}]"
+                li = f["last_interval"]
                 lines.append(
-                    f"| {arm} | {smp} | {changes} | {span} | {'yes' if f['falling'] else 'no'} |"
+                    f"| {arm} | {smp} | {changes} | {span} | {f['verdict']} | "
+                    f"{li['mean']:+.1%} ({li['from_step']}-{flat['to_step']}) |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -223,7 +251,7 @@ def plot(result: dict, path: Path, *, key: str, title: str) -> None:
 def write(result: dict, summary: dict, out_prefix: Path, *, title: str, note: str = "") -> None:
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     out_prefix.with_suffix(".json").write_text(
-        json.dumps({**result, "summary": summary}, indent=1, sort_keys=True)
+        json.dumps({**result, "summary": summary}, indent=1)  # keys in order: arms as planned
     )
     out_prefix.with_suffix(".md").write_text(markdown(summary, baseline_note=note))
     plot(result, out_prefix.with_suffix(".png"), key=summary["metric"], title=title)
