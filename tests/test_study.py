@@ -137,8 +137,9 @@ def test_report_tables_and_plot(tmp_path):
 
 def test_flatness_tells_a_plateau_from_a_slope(tmp_path, repo):
     """Over the last quarter of the run: a 20% fall is falling; noise of +-2% around a constant
-    is flat, so is a 10% rise and a sure but small decline (2%); a drop before the window does
-    not count; seeds that disagree around -5% leave it undetermined. The Markdown says which."""
+    is flat, so is a sure but small decline (2%); a 10% rise is rising (no longer falling); a
+    drop before the window does not count; seeds that disagree around -5% leave it
+    undetermined. The Markdown says which."""
     from tools.studylib import report
 
     plan = study.make_plan(_args(root=str(tmp_path), steps=800, evals=8))
@@ -171,7 +172,8 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path, repo):
     assert joint["verdict"] == "falling" and joint["falling"] and not joint["flat"]
     ict = flat["arms"]["ict"]["2step"]
     assert ict["changes"] == pytest.approx([0.02, -0.01, 0.015]) and ict["verdict"] == "flat"
-    assert flat["arms"]["vanilla"]["1step"]["verdict"] == "flat"
+    vanilla = flat["arms"]["vanilla"]["1step"]
+    assert vanilla["verdict"] == "rising" and vanilla["flat"] and not vanilla["falling"]
     slow = flat["arms"]["slow"]["1step"]
     assert slow["mean"] == pytest.approx(-0.02) and slow["verdict"] == "flat"
     assert slow["last_interval"]["mean"] == pytest.approx(0.98**0.5 - 1)
@@ -180,7 +182,7 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path, repo):
     md = report.markdown(report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3))
     assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | falling |" in md
     assert "| ict | 1step | +2.0%, -1.0%, +1.5% | +0.8% [" in md
-    assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | flat |" in md
+    assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | rising |" in md
     assert "| noisy | 2step | -15.0%, +5.0%, -5.0% | -5.0% [" in md and "undetermined" in md
 
     # A study whose workdirs are gone: its JSON alone gives the same report again.

@@ -89,17 +89,18 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
     return summary
 
 
-# Has the metric flattened? Per seed, a least-squares line through log(metric) over the
-# evaluations in the last quarter of the run gives the relative change across that quarter; the
-# mean over seeds has a percentile-bootstrap interval. "flat": the whole interval lies above
-# -FLAT_TOLERANCE (more steps at these settings would buy less than 5% per quarter of the run, a
-# rise counting as no gain); "falling": it lies below; "undetermined" otherwise (too noisy to
-# say). A fit over several points because one 500-sample evaluation moves by 10-40% between
-# neighbouring checkpoints (docs/results.md), and a tolerance rather than "below 0" because a
-# curve that approaches its asymptote falls forever by ever smaller amounts. Under iCT's
-# K = num_steps the last quarter begins at the final doubling of N(k), whose drop then counts:
-# such a run has not flattened; with train.curriculum_steps < num_steps it measures training at
-# the final N. The last interval's change alone is reported beside it.
+# Has the metric flattened? Per seed, a least-squares line through log(metric) over the evaluations
+# in the last quarter of the run gives the relative change across that quarter; the mean over seeds
+# has a percentile-bootstrap interval. "flat": the whole interval lies above -FLAT_TOLERANCE (more
+# steps at these settings would buy less than 5% per quarter of the run); "rising" (which also
+# counts as flat: no longer falling), above +FLAT_TOLERANCE: the metric got worse; "falling": below
+# -FLAT_TOLERANCE; "undetermined" otherwise (too noisy to say). A fit over several points because
+# one 500-sample evaluation moves by 10-40% between neighbouring checkpoints (docs/results.md), and
+# a tolerance rather than "below 0" because a curve that approaches its asymptote falls forever by
+# ever smaller amounts. Under iCT's K = num_steps the last quarter begins at the final doubling of
+# N(k), whose drop then counts: such a run has not flattened; with train.curriculum_steps <
+# num_steps it measures training at the final N. The last interval's change alone is reported
+# beside it.
 FLAT_TOLERANCE = 0.05
 
 
@@ -137,13 +138,15 @@ def flatness(result: dict, *, key: str) -> dict:
             last = [series[-1][seed] / series[-2][seed] - 1.0 for seed in seeds]
             m, lo, hi = stats.bootstrap_ci(fitted)
             verdict = (
-                "flat" if lo > -FLAT_TOLERANCE
+                "rising" if lo > FLAT_TOLERANCE
+                else "flat" if lo > -FLAT_TOLERANCE
                 else "falling" if hi < -FLAT_TOLERANCE
                 else "undetermined"
             )  # fmt: skip
             out["arms"][arm][smp] = {
                 "seeds": seeds, "changes": fitted, "mean": m, "low": lo, "high": hi,
-                "verdict": verdict, "flat": verdict == "flat", "falling": verdict == "falling",
+                "verdict": verdict, "flat": verdict in ("flat", "rising"),
+                "falling": verdict == "falling",
                 "last_interval": {"from_step": window[-2], "changes": last,
                                   "mean": float(np.mean(last))},
             }  # fmt: skip
@@ -199,8 +202,9 @@ def markdown(summary: dict, *, baseline_note: str = "") -> str:
             f"Has the metric flattened? Relative change of {key} over the last quarter of the run "
             f"(steps {flat['from_step']}-{flat['to_step']}, a least-squares line through log "
             f"{key} at {len(flat['window'])} evaluations) per seed, mean with a 95% percentile-"
-            f"bootstrap interval; flat when the whole interval is above -{flat['tolerance']:.0%}, "
-            f"falling when it is below, undetermined otherwise. The last interval alone beside it:",
+            f"bootstrap interval; flat when the whole interval is above -{flat['tolerance']:.0%} "
+            f"(rising: above +{flat['tolerance']:.0%}), falling when it is below -"
+            f"{flat['tolerance']:.0%}, undetermined otherwise. The last interval alone beside it:",
             "",
             "| arm | sampler | per-seed change | mean [95% CI] | verdict | last interval, mean |",
             "|---|---|---|---|---|---|",
