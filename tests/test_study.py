@@ -179,7 +179,13 @@ def test_flatness_tells_a_plateau_from_a_slope(tmp_path, repo):
     assert slow["last_interval"]["mean"] == pytest.approx(0.98**0.5 - 1)
     noisy = flat["arms"]["noisy"]["1step"]
     assert noisy["mean"] == pytest.approx(-0.05) and noisy["verdict"] == "undetermined"
-    md = report.markdown(report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3))
+    summary = report.summarize(report.collect(plan, evals), key="fd", ratio=4 / 3)
+    plateau = summary["paired"]["joint-ict mean over steps 600-800 1step"]  # 93.3 vs 50 (1 + w/3)
+    assert plateau["steps"] == [600, 700, 800]
+    assert plateau["diffs"] == pytest.approx(
+        [280 / 3 - 50 - 50 * w / 3 for w in (0.02, -0.01, 0.015)]
+    )
+    md = report.markdown(summary)
     assert "| joint | 1step | -20.0%, -20.0%, -20.0% | -20.0% [-20.0%, -20.0%] | falling |" in md
     assert "| ict | 1step | +2.0%, -1.0%, +1.5% | +0.8% [" in md
     assert "| vanilla | 2step | +10.0%, +10.0%, +10.0% | +10.0% [+10.0%, +10.0%] | rising |" in md

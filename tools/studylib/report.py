@@ -48,6 +48,11 @@ def _fmt(m: float, lo: float, hi: float, digits: int = 2) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _paired(seeds: list[int], diffs: list[float], **where) -> dict:
+    m, lo, hi = stats.bootstrap_ci(diffs)
+    return {**where, "seeds": seeds, "diffs": diffs, "mean": m, "low": lo, "high": hi}
+
+
 def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") -> dict:
     """Final-step means with t intervals, paired differences with bootstrap intervals (at equal
     steps and at equal compute) and the secondary numbers (classes, evenness, nn distance)."""
@@ -69,23 +74,31 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
                 if ex:
                     entry[smp][extra] = float(np.mean(list(ex.values())))
         summary["arms"][arm] = entry
+    window = summary["flatness"].get("window") or []
     for other in (a for a in arms if a != baseline):
         for label, s_base, s_other in _pairs(plan, other, ratio):
             for smp in SAMPLERS:
                 seeds, a, b = _matched(result, key, smp, (baseline, s_base), (other, s_other))
-                if not seeds:
-                    continue
-                d = [x - y for x, y in zip(a, b)]
-                m, lo, hi = stats.bootstrap_ci(d)
-                summary["paired"][f"{baseline}-{other} {label} {smp}"] = {
-                    "baseline_step": s_base,
-                    "other_step": s_other,
-                    "seeds": seeds,
-                    "diffs": d,
-                    "mean": m,
-                    "low": lo,
-                    "high": hi,
-                }
+                if seeds:
+                    d = [x - y for x, y in zip(a, b)]
+                    summary["paired"][f"{baseline}-{other} {label} {smp}"] = _paired(
+                        seeds, d, baseline_step=s_base, other_step=s_other
+                    )
+        # Once the metric has flattened, the mean over the last quarter's evaluations is a
+        # less noisy final number than the last evaluation alone.
+        for smp in SAMPLERS if len(window) > 1 else ():
+            base = [_series(result, baseline, key, smp, s) for s in window]
+            oth = [_series(result, other, key, smp, s) for s in window]
+            seeds = sorted(set.intersection(*(set(x) for x in base + oth)))
+            if seeds:
+                d = [
+                    float(np.mean([x[i] for x in base]) - np.mean([x[i] for x in oth]))
+                    for i in seeds
+                ]
+                label = f"mean over steps {window[0]}-{window[-1]}"
+                summary["paired"][f"{baseline}-{other} {label} {smp}"] = _paired(
+                    seeds, d, steps=window
+                )
     return summary
 
 
