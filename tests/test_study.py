@@ -97,9 +97,20 @@ def test_run_state_reads_committed_checkpoints(tmp_path):
     (wd / "400").mkdir()
     (wd / "400" / "commit_success.txt").write_text("")
     assert study.run_state(plan, "joint", 0) == "trained"
-    rows = {str(s): {} for s in plan["eval_steps"]}
-    (tmp_path / "joint" / "seed0" / "study_eval.json").write_text(__import__("json").dumps(rows))
+    rows = __import__("json").dumps({str(s): {} for s in plan["eval_steps"]})
+    (tmp_path / "joint" / "seed0" / "study_eval_digits_n500_s0.json").write_text(rows)
+    assert study.run_state(plan, "joint", 0) == "trained"  # other settings: evaluate again
+    (tmp_path / "joint" / "seed0" / "study_eval_digits_n1000_s0.json").write_text(rows)
     assert study.run_state(plan, "joint", 0) == "evaluated"
+
+
+def test_explicit_evaluation_points_keep_a_checkpoint_at_each():
+    plan = study.make_plan(_args(steps=6000, eval_steps="4500,6000,5000,5500"))
+    assert plan["eval_steps"] == [4500, 5000, 5500, 6000]
+    cmd = study.train_command(plan, "ict", 0)
+    assert "CheckpointConfig.save_every=500" in cmd and "CheckpointConfig.keep=13" in cmd
+    with pytest.raises(SystemExit, match="end at 6000"):
+        study.make_plan(_args(steps=6000, eval_steps="1000,5000"))
 
 
 def test_report_tables_and_plot(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.studylib import report  # noqa: E402
-from tools.studylib.evaluate import EVAL_FILE  # noqa: E402
+from tools.studylib.evaluate import eval_file  # noqa: E402
 
 # name -> arms (name, gin file, bindings), steps, evaluation points, metric, samples per point
 PRESETS = {
@@ -86,14 +87,20 @@ def make_plan(args) -> dict:
     arms = dict(parse_arm(a) for a in args.arm) if args.arm else preset["arms"]
     steps = args.steps or preset["steps"]
     evals = args.evals or preset["evals"]
-    if steps % evals:
+    if getattr(args, "eval_steps", None):
+        eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
+        if eval_steps[-1] != steps or eval_steps[0] <= 0:
+            raise SystemExit(f"--eval-steps {args.eval_steps}: must be positive and end at {steps}")
+    elif steps % evals:
         raise SystemExit(f"--steps {steps} must be a multiple of --evals {evals}")
+    else:
+        eval_steps = [steps // evals * (i + 1) for i in range(evals)]
     return {
         "preset": args.preset,
         "arms": {k: {"gin": g, "bindings": b} for k, (g, b) in arms.items()},
         "seeds": [int(s) for s in args.seeds.split(",")],
         "steps": steps,
-        "eval_steps": [steps // evals * (i + 1) for i in range(evals)],
+        "eval_steps": eval_steps,
         "metric": args.metric or preset["metric"],
         "num_samples": args.num_samples or preset["num_samples"],
         "fid_stats": args.fid_stats,
@@ -109,12 +116,13 @@ def workdir(plan: dict, arm: str, seed: int) -> str:
 
 def train_command(plan: dict, arm: str, seed: int) -> list[str]:
     a = plan["arms"][arm]
+    every = math.gcd(*plan["eval_steps"])  # a checkpoint at every evaluation point, all kept
     bindings = [
         *a["bindings"],
         f"train.seed={seed}",
         f"train.num_steps={plan['steps']}",
-        f"CheckpointConfig.save_every={plan['eval_steps'][0]}",
-        f"CheckpointConfig.keep={len(plan['eval_steps']) + 1}",
+        f"CheckpointConfig.save_every={every}",
+        f"CheckpointConfig.keep={plan['steps'] // every + 1}",
         "EvalConfig.every=0",  # grids come from the evaluation (tools/studylib/evaluate.py)
         *COMMON_BINDINGS,
         *plan["extra_bindings"],
@@ -141,7 +149,7 @@ def run_state(plan: dict, arm: str, seed: int) -> str:
     wd = workdir(plan, arm, seed)
     steps = committed_steps(wd)
     if plan["steps"] in steps:
-        evaluated = epath.Path(wd) / EVAL_FILE
+        evaluated = epath.Path(wd) / eval_file(plan["metric"], plan["num_samples"])
         if evaluated.exists() and all(
             str(s) in json.loads(evaluated.read_text()) for s in plan["eval_steps"]
         ):
@@ -240,6 +248,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--evals", type=int, default=None, help="evaluation points, evenly spaced")
+    p.add_argument(
+        "--eval-steps", default=None, help="evaluation points, comma-separated (not --evals)"
+    )
     p.add_argument("--metric", choices=["digits", "inception"], default=None)
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--fid-stats", default=None, help="FID statistics (tools/fid_stats.py)")
@@ -276,7 +287,9 @@ def main() -> None:
     evals = {}
     for arm in plan["arms"]:
         for seed in plan["seeds"]:
-            path = epath.Path(workdir(plan, arm, seed)) / EVAL_FILE
+            path = epath.Path(workdir(plan, arm, seed)) / eval_file(
+                plan["metric"], plan["num_samples"]
+            )
             if path.exists():
                 rows = json.loads(path.read_text())
                 if all(str(s) in rows for s in plan["eval_steps"]):

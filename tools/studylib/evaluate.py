@@ -4,9 +4,11 @@
         [--fid-stats FILE] [--seed 0]
 
 Runs as its own process (the run's `config.gin` configures gin, which is process-global) and
-writes `WORKDIR/study_eval.json` after each checkpoint, so an interrupted evaluation continues
-where it stopped. Every run of a study samples with the same seeds: the arms are compared on
-common noise, which makes the paired differences less noisy.
+writes `WORKDIR/study_eval_<metric>_n<samples>_s<seed>.json` after each checkpoint, so an
+interrupted evaluation continues where it stopped, and an evaluation with other settings (more
+samples, another seed or metric) never reuses these numbers. Every run of a study samples with
+the same seeds: the arms are compared on common noise, which makes the paired differences less
+noisy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import os
 import tempfile
 import time
 
-EVAL_FILE = "study_eval.json"
+
+def eval_file(metric: str, num_samples: int, seed: int = 0) -> str:
+    """The file holding a run's numbers for these evaluation settings."""
+    return f"study_eval_{metric}_n{num_samples}_s{seed}.json"
 
 
 def evaluate_run(
@@ -31,7 +36,7 @@ def evaluate_run(
     batch_size: int = 500,
 ) -> dict:
     """{str(step): {"1step": {...}, "2step": {...}}} for every step in `steps`, reusing the
-    numbers already in WORKDIR/study_eval.json."""
+    numbers already in the run's file for these settings (`eval_file`)."""
     import numpy as np
 
     from jcdm.main import parse_gin
@@ -43,7 +48,7 @@ def evaluate_run(
 
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths
-    out_path = io.path(workdir) / EVAL_FILE  # local or a bucket
+    out_path = io.path(workdir) / eval_file(metric, num_samples, seed)  # local or a bucket
     done = json.loads(out_path.read_text()) if out_path.exists() else {}
     todo = [s for s in steps if str(s) not in done]
     if not todo:
