@@ -268,12 +268,17 @@ def main() -> None:
     p.add_argument("--from-json", default=None, help="a study's .json: report from it alone")
     args = p.parse_args()
     if args.from_json:
+        if not Path(args.from_json).is_file():
+            p.error(f"--from-json {args.from_json}: no such file (a study's <out>.json)")
         result = json.loads(Path(args.from_json).read_text())
         write_report({"plan": result["plan"], "runs": result["runs"]}, args.out)
         return
-    plan = make_plan(args)
+    try:
+        plan = make_plan(args)
+    except SystemExit as e:  # a bad argument: usage and exit 2, never worth a retry
+        p.error(str(e.code))
     if plan["metric"] == "inception" and not plan["fid_stats"]:
-        raise SystemExit("the inception metric needs --fid-stats (a file from tools/fid_stats.py)")
+        p.error("the inception metric needs --fid-stats (a file from tools/fid_stats.py)")
     if args.dry_run:
         dry_run(plan, args.step_json, args.dtype)
         return

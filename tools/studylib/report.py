@@ -42,6 +42,14 @@ def _matched(
     return seeds, [a[s] for s in seeds], [b[s] for s in seeds]
 
 
+def _window(
+    result: dict, arm: str, key: str, sampler: str, steps: list[int]
+) -> tuple[list[int], list[dict[int, float]]]:
+    """The seeds that have every one of `steps`, and seed -> value at each step."""
+    series = [_series(result, arm, key, sampler, s) for s in steps]
+    return sorted(set.intersection(*(set(x) for x in series))), series
+
+
 def _fmt(m: float, lo: float, hi: float, digits: int = 2) -> str:
     if math.isnan(lo):
         return f"{m:.{digits}f}"
@@ -87,9 +95,9 @@ def summarize(result: dict, *, key: str, ratio: float, baseline: str = "joint") 
         # Once the metric has flattened, the mean over the last quarter's evaluations is a
         # less noisy final number than the last evaluation alone.
         for smp in SAMPLERS if len(window) > 1 else ():
-            base = [_series(result, baseline, key, smp, s) for s in window]
-            oth = [_series(result, other, key, smp, s) for s in window]
-            seeds = sorted(set.intersection(*(set(x) for x in base + oth)))
+            seeds_b, base = _window(result, baseline, key, smp, window)
+            seeds_o, oth = _window(result, other, key, smp, window)
+            seeds = sorted(set(seeds_b) & set(seeds_o))
             if seeds:
                 d = [
                     float(np.mean([x[i] for x in base]) - np.mean([x[i] for x in oth]))
@@ -126,7 +134,7 @@ def _fitted_change(steps: list[int], values: list[float]) -> float:
 def flatness(result: dict, *, key: str) -> dict:
     """Per arm and sampler: the fitted relative change of `key` over the last quarter of the run
     per seed, its mean with a bootstrap interval, the verdict (FLAT_TOLERANCE; `verdict` is
-    'flat', 'falling' or 'undetermined'), and the change over the last interval alone."""
+    'flat', 'rising', 'falling' or 'undetermined'), and the change over the last interval alone."""
     steps = result["plan"]["eval_steps"]
     final = steps[-1]
     window = [s for s in steps if s >= final - final // 4]
@@ -143,8 +151,7 @@ def flatness(result: dict, *, key: str) -> dict:
             continue
         out["arms"][arm] = {}
         for smp in SAMPLERS:
-            series = [_series(result, arm, key, smp, s) for s in window]
-            seeds = sorted(set.intersection(*(set(x) for x in series)))
+            seeds, series = _window(result, arm, key, smp, window)
             if not seeds:
                 continue
             fitted = [_fitted_change(window, [x[seed] for x in series]) for seed in seeds]
